@@ -1,0 +1,248 @@
+"""Model stage: find the base (local dir, hub id, builtin demo), load it with mlx-lm, quantize it
+for QLoRA, inject adapters, freeze the rest, and save/load adapters in mlx-lm's own format.
+
+The adapter directory written here (`adapters.safetensors` + `adapter_config.json`) loads
+unchanged with `mlx_lm.load(base, adapter_path=...)`; mlx_ft adds a few keys of its own to the
+JSON (`base_model`, `quantize`, `alpha`, `targets`) that mlx-lm ignores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from .errors import ModelError
+from .recipe import AdapterConfig, ModelConfig
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# What snapshot_download fetches for a base model: weights, configs, tokenizer files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def resolve_model_path(
+    path: str, revision: str | None = None, texts: Callable[[], list[str]] | None = None
+) -> Path:
+    """Turn `model.path` into a local directory: as is, built (builtin:), or from the hub.
+
+    Args:
+        texts: called only for `builtin:` models, gives the texts their tokenizer is trained on.
+    """
+    if path.startswith("builtin:"):
+        from . import tiny
+
+        name = path.split(":", 1)[1]
+        if name not in tiny.BUILTIN_MODELS:
+            raise ModelError(f"model.path: unknown builtin model {name!r}; known: "
+                             + ", ".join("builtin:" + n for n in tiny.BUILTIN_MODELS))
+        return tiny.builtin_model(name, texts() if texts else ["hello world"])
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model.path: {path} has no config.json; point it at a Hugging Face "
+                             "model directory (config.json, *.safetensors, tokenizer files)")
+        return local
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local:
+        raise ModelError(f"model.path: {path} does not exist (relative to {Path.cwd()}); "
+                         "give an existing model directory or a hub id such as Qwen/Qwen2.5-7B-Instruct")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+        raise ModelError(f"model.path: cannot get {path!r} from the Hugging Face hub ({why}); "
+                         f"download it once with `hf download {path}` or give a local directory") from None
+
+
+def load_base(cfg: ModelConfig, texts: Callable[[], list[str]] | None = None):
+    """Load the base model and tokenizer, quantized on load when `cfg.quantize` is set.
+
+    Returns:
+        (model, tokenizer, model_dir): the mlx-lm model, its TokenizerWrapper, the local dir.
+    """
+    from mlx_lm.utils import load
+
+    model_dir = resolve_model_path(cfg.path, cfg.revision, texts)
+    try:
+        model, tokenizer = load(str(model_dir), tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
+                                trust_remote_code=cfg.trust_remote_code)
+    except ValueError as e:  # mlx-lm: "Model type X not supported."
+        raise ModelError(f"model.path: mlx-lm cannot load {model_dir}: {e}") from None
+    if cfg.quantize is not None:
+        quantize(model, cfg.quantize.bits, cfg.quantize.group_size)
+    return model, tokenizer, model_dir
+
+
+def quantize(model, bits: int, group_size: int) -> None:
+    """Quantize every quantizable layer in place, as `mlx_lm.convert -q` would."""
+    from mlx_lm.utils import quantize_model
+
+    if is_quantized(model):
+        raise ModelError("model.quantize: the base is already quantized; remove model.quantize "
+                         "(a pre-quantized base trains as QLoRA as it is)")
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints a bits-per-weight line
+        quantize_model(model, {}, group_size, bits)
+
+
+def is_quantized(model) -> bool:
+    import mlx.nn as nn
+
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def _linear_types():
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+
+
+def num_adapted_layers(model, cfg: AdapterConfig) -> int:
+    n = len(model.layers)
+    if cfg.layers == "all":
+        return n
+    if cfg.layers > n:
+        raise ModelError(f"adapter.layers: {cfg.layers} blocks asked for, but the model has {n}; "
+                         f"use 'all' or a number up to {n}")
+    return cfg.layers
+
+
+def target_keys(model, cfg: AdapterConfig) -> list[str]:
+    """Block-relative module paths (e.g. `self_attn.q_proj`) that `cfg.targets` selects."""
+    n = num_adapted_layers(model, cfg)
+    linear = _linear_types()
+    found: dict[str, bool] = {}
+    for block in model.layers[len(model.layers) - n:]:
+        for name, mod in block.named_modules():
+            if name:
+                found[name] = isinstance(mod, linear)
+    if cfg.targets == "all-linear":
+        keys = sorted(k for k, is_lin in found.items() if is_lin)
+    else:
+        keys = sorted(k for k in found if any(k == t or k.endswith("." + t) for t in cfg.targets))
+    if not keys:
+        linear_names = sorted(k for k, is_lin in found.items() if is_lin)
+        raise ModelError(f"adapter.targets: {cfg.targets!r} matched no module in the last {n} blocks; "
+                         f"linear modules there: {', '.join(linear_names) or '(none)'}")
+    return keys
+
+
+def lora_scale(cfg: AdapterConfig) -> float:
+    return cfg.alpha / (cfg.rank ** 0.5 if cfg.rslora else cfg.rank)
+
+
+def apply_adapters(model, cfg: AdapterConfig) -> dict:
+    """Freeze the model and make the part the recipe trains trainable.
+
+    Returns:
+        the `adapter_config.json` content (mlx-lm's keys) for this model and recipe.
+    Raises:
+        ModelError: when targets match nothing or the method cannot train this base.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n = num_adapted_layers(model, cfg)
+    model.freeze()
+    params = {"rank": cfg.rank, "scale": lora_scale(cfg), "dropout": cfg.dropout}
+    if cfg.method == "full":
+        if is_quantized(model):
+            raise ModelError("adapter.method: 'full' cannot train a quantized base; "
+                             "use 'lora' or 'dora', or a float base without model.quantize")
+        for block in model.layers[len(model.layers) - n:]:
+            block.unfreeze()
+        keys = []
+    else:
+        keys = target_keys(model, cfg)
+        try:
+            linear_to_lora_layers(model, n, {**params, "keys": keys}, use_dora=cfg.method == "dora")
+        except ValueError as e:  # e.g. DoRA on MoE expert layers
+            raise ModelError(f"adapter.method: {e}; use method = 'lora' or exclude those modules "
+                             "from adapter.targets") from None
+    return {
+        "fine_tune_type": cfg.method,
+        "num_layers": n,
+        "lora_parameters": {**params, "keys": keys},
+        "alpha": cfg.alpha,
+        "rslora": cfg.rslora,
+        "targets": cfg.targets,
+    }
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; quantized weights count as their logical size."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import get_total_parameters
+
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return trainable, get_total_parameters(model)
+
+
+def save_adapter(model, out_dir: str | Path, adapter_config: dict, base_model: str, model_cfg: ModelConfig) -> Path:
+    """Write trainable weights + config to `out_dir`, atomically (temp dir, then rename)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = {**adapter_config, "base_model": base_model,
+              "quantize": asdict(model_cfg.quantize) if model_cfg.quantize else None}
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        weights = dict(tree_flatten(model.trainable_parameters()))
+        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def find_adapter_dir(path: str | Path) -> Path:
+    """A run directory (holding adapters/) or an adapter directory -> the adapter directory."""
+    path = Path(path)
+    for cand in (path, path / "adapters"):
+        if (cand / ADAPTER_CONFIG).is_file() and (cand / ADAPTER_WEIGHTS).is_file():
+            return cand
+    raise ModelError(f"{path}: no {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} here or in {path / 'adapters'}; "
+                     "give a run directory written by `mlxft run` or an adapter directory")
+
+
+def load_with_adapter(path: str | Path, base_model: str | None = None):
+    """Load the base an adapter was trained on (quantized the same way) with the adapter applied.
+
+    Args:
+        path: a run directory or an adapter directory.
+        base_model: override the `base_model` recorded in adapter_config.json.
+    Returns:
+        (model, tokenizer, adapter_config dict)
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    adapter_dir = find_adapter_dir(path)
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base = base_model or config.get("base_model")
+    if not base:
+        raise ModelError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model recorded; pass the base model explicitly")
+    q = config.get("quantize")
+    from .recipe import QuantizeConfig
+
+    model, tokenizer, _ = load_base(ModelConfig(path=base, quantize=QuantizeConfig(**q) if q else None))
+    try:
+        load_adapters(model, str(adapter_dir))
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    model.eval()
+    return model, tokenizer, config
