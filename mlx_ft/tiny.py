@@ -43,9 +43,24 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Architecture hyper-parameters per family: HF config.json keys on top of the shared ones.
+# A callable value is computed from the finished config (e.g. Gemma's query scale = head_dim).
 FAMILIES: dict[str, dict] = {
     "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0},
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "rope_theta": 1000000.0,
+                "sliding_window": None},
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "rope_theta": 1000000.0},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "rope_theta": 10000.0,
+               "hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "sliding_window": 4096, "tie_word_embeddings": True,
+               "query_pre_attn_scalar": lambda c: c["head_dim"]},
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "rope_theta": 1000000.0,
+               "rope_local_base_freq": 10000.0, "hidden_activation": "gelu_pytorch_tanh",
+               "sliding_window": 512, "sliding_window_pattern": 2, "tie_word_embeddings": True,
+               "query_pre_attn_scalar": lambda c: c["head_dim"]},
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
+             "partial_rotary_factor": 1.0, "original_max_position_embeddings": 4096, "sliding_window": None,
+             "hidden_act": "silu"},
 }
 
 
@@ -67,6 +82,35 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return tok
 
 
+def train_spm_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 512):
+    """A SentencePiece BPE tokenizer (like Llama 2's and Gemma's: byte fallback, a dummy prefix
+    space, digits split) trained on `texts`, saved as tokenizer.model plus its HF fast form.
+
+    Returns the HF tokenizer; ChatML's markers are user-defined pieces, never split.
+    """
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", character_coverage=1.0, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=SPECIAL_TOKENS[1:],
+        minloglevel=2,
+    )
+    (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    # transformers converts tokenizer.model to its fast form only on from_pretrained.
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    return tok
+
+
 def build_tiny_model(
     out_dir: str | Path,
     texts: Iterable[str],
@@ -80,9 +124,13 @@ def build_tiny_model(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     extra_config: dict | None = None,
+    tokenizer: str = "bpe",
 ) -> Path:
     """Write a randomly initialised model of `family` with a tokenizer trained on `texts`.
 
+    Args:
+        tokenizer: "bpe" (byte-level BPE, tokenizer.json only, as Llama 3 and Qwen) or "spm"
+            (SentencePiece tokenizer.model + tokenizer.json, bos added, as Llama 2 and Gemma).
     Returns the directory, written under a temporary name and renamed when complete.
     """
     import mlx.core as mx
@@ -91,48 +139,65 @@ def build_tiny_model(
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny-model family {family!r}; known: {sorted(FAMILIES)}")
+    if tokenizer not in ("bpe", "spm"):
+        raise ValueError(f"unknown tiny tokenizer {tokenizer!r}; known: bpe, spm")
     out_dir = Path(out_dir)
-    tok = train_bpe_tokenizer(texts, vocab_size)
-    config = {
-        **FAMILIES[family],
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": hidden_size // num_heads,
-        "intermediate_size": intermediate_size,
-        "vocab_size": tok.get_vocab_size(),
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": tie_word_embeddings,
-        "torch_dtype": "float32",
-        "bos_token_id": None,
-        "eos_token_id": tok.token_to_id("<|im_end|>"),
-        "pad_token_id": tok.token_to_id("<|endoftext|>"),
-        **(extra_config or {}),
-    }
-    model_cls, args_cls = _get_classes(config)
-    mx.random.seed(seed)
-    model = model_cls(args_cls.from_dict(config))
-    weights = dict(tree_flatten(model.parameters()))
-
+    texts = list(texts)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
+        if tokenizer == "bpe":
+            tok = train_bpe_tokenizer(texts, vocab_size)
+            tok.save(str(tmp / "tokenizer.json"))
+            n_vocab, tok_id = tok.get_vocab_size(), tok.token_to_id
+            bos, add_bos, tok_class = None, False, "PreTrainedTokenizerFast"
+        else:
+            hf_tok = train_spm_tokenizer(texts, tmp, vocab_size)
+            hf_tok.save_pretrained(str(tmp))
+            n_vocab, tok_id = len(hf_tok), hf_tok.convert_tokens_to_ids
+            bos, add_bos, tok_class = "<s>", True, "LlamaTokenizer"
+        family_cfg = FAMILIES[family]
+        config = {
+            **{k: v for k, v in family_cfg.items() if not callable(v)},
+            "hidden_size": hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+            "head_dim": hidden_size // num_heads,
+            "intermediate_size": intermediate_size,
+            "vocab_size": n_vocab,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": family_cfg.get("tie_word_embeddings", tie_word_embeddings),
+            "torch_dtype": "float32",
+            "bos_token_id": tok_id(bos) if bos else None,
+            "eos_token_id": tok_id("<|im_end|>"),
+            "pad_token_id": tok_id("<|endoftext|>") if tokenizer == "bpe" else None,
+            **(extra_config or {}),
+        }
+        config.update({k: v(config) for k, v in family_cfg.items() if callable(v)})
+        model_cls, args_cls = _get_classes(config)
+        mx.random.seed(seed)
+        model = model_cls(args_cls.from_dict(config))
+        weights = dict(tree_flatten(model.parameters()))
+        if config["tie_word_embeddings"]:
+            weights.pop("lm_head.weight", None)  # some MLX classes build lm_head regardless
+
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
-        tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None,
+        tok_config = json.loads((tmp / "tokenizer_config.json").read_text()) if tokenizer == "spm" else {}
+        tok_config.update({
+            "tokenizer_class": tok_class,
+            "bos_token": bos,
             "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>" if tokenizer == "bpe" else None,
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-            "add_bos_token": False,
+            "add_bos_token": add_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 4096,
             "chat_template": CHATML_TEMPLATE,
-        }, indent=2))
+        })
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
