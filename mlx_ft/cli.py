@@ -67,3 +67,91 @@ def validate(recipes, overrides):
     if failed:
         click.echo("\n".join(failed), err=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set training.learning_rate=2e-4 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output.dir.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing output.dir first.")
+@user_errors
+def run(recipe, overrides, resume, overwrite):
+    """Train as RECIPE says: adapters, checkpoints, metrics and summary in output.dir.
+
+    \b
+    Examples:
+      mlxft run recipes/demo.toml
+      mlxft run recipes/qwen32b-qlora.toml --set training.learning_rate=2e-4
+      mlxft run recipes/qwen32b-qlora.toml --resume
+    """
+    from .recipe import load_recipe
+    from .train import train
+
+    r = load_recipe(recipe, list(overrides))
+    for key, origin in sorted(r.provenance.items()):
+        if origin == "--set":
+            click.echo(f"{key} = {_value(r, key)!r} (from --set)")
+    train(r, resume=True if resume else None, overwrite=overwrite)
+
+
+def _value(recipe, key):
+    table, name = key.split(".", 1)
+    return getattr(getattr(recipe, table), name.split(".")[0])
+
+
+@main.command("recipes")
+@click.option("--dir", "where", type=click.Path(path_type=Path), default=None,
+              help="Directory to list (default: the recipes/ folder shipped with mlx_ft).")
+def recipes_cmd(where):
+    """List the bundled recipes with the first line of their description.
+
+    \b
+    Example:
+      mlxft recipes
+    """
+    where = where or bundled_recipes_dir()
+    files = sorted(where.glob("*.toml")) if where and where.is_dir() else []
+    if not files:
+        click.echo(f"no recipes found in {where}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    for f in files:
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        click.echo(f"{str(f):40s} {first}")
+
+
+def bundled_recipes_dir() -> Path:
+    """recipes/ of this checkout (mlx_ft is installed from a clone, editable)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+@main.group("data")
+def data_group():
+    """Look at the data a recipe trains on."""
+
+
+@data_group.command("inspect")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--show", default=3, show_default=True, metavar="N", help="Rendered samples to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@user_errors
+def data_inspect(recipe, show, as_json, overrides):
+    """Counts, token lengths, supervised share, batches per epoch and rendered samples.
+
+    Supervised tokens are coloured on a terminal and wrapped in [[ ]] otherwise.
+
+    \b
+    Example:
+      mlxft data inspect recipes/demo.toml --show 2
+    """
+    import json
+
+    from .data.report import format_report, inspect_recipe
+    from .recipe import load_recipe
+
+    report = inspect_recipe(load_recipe(recipe, list(overrides)), show)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_report(report, color=click.get_text_stream("stdout").isatty()))

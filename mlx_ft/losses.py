@@ -1,0 +1,181 @@
+"""Loss: masked next-token cross-entropy, computed in chunks, with packed-sample attention.
+
+Two things here go beyond calling `model(tokens)`:
+
+* **Chunked cross-entropy.** The logits of a batch are `B x L x V` float32: 4 x 2048 x 152k is
+  5 GB, usually the largest single allocation of a LoRA step. We run the model up to the final
+  norm, then project and score `chunk_size` positions at a time inside `mx.checkpoint`, so the
+  backward pass recomputes one chunk's logits instead of keeping all of them.
+* **Packed rows.** mlx-lm models build their causal mask from the KV cache object they are given
+  (`cache.make_mask`). Handing every layer a `_MaskCache` whose `make_mask` returns a
+  block-diagonal causal mask keeps each packed sample's attention inside that sample, for any
+  architecture that follows mlx-lm's usual `model.model(inputs, cache)` pattern.
+  `check_architecture` verifies both tricks on the loaded model before training starts.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import ModelError
+
+
+class _MaskCache:
+    """Stands in for an mlx-lm KV cache during training: passes keys/values through unchanged
+    (offset 0, so RoPE positions run 0..L-1 along the row) and supplies our attention mask."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask  # bool [B, 1, L, L]
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        if window_size is None:
+            return self.mask
+        idx = mx.arange(n)
+        band = (idx[:, None] - idx[None, :]) < window_size  # [L, L] sliding window
+        return self.mask & band
+
+
+def segment_mask(segments: mx.array) -> mx.array:
+    """Block-diagonal causal mask from per-position segment ids.
+
+    Example (one row, max_seq_len 5, two packed samples and one padding slot)::
+
+        segments = [0, 0, 1, 1, -1]
+        mask     = [[1, 0, 0, 0, 0],     row i: which positions j token i may attend to
+                    [1, 1, 0, 0, 0],
+                    [0, 0, 1, 0, 0],     sample 1 starts afresh: it cannot see sample 0
+                    [0, 0, 1, 1, 0],
+                    [0, 0, 0, 0, 1]]     padding attends only to padding (never a NaN row)
+
+    RoPE encodes relative offsets, so the continuous positions 0..L-1 of a packed row give each
+    sample the same attention logits it would get alone, once the mask isolates it.
+
+    Args:
+        segments: int32 [B, L]
+    Returns:
+        bool [B, 1, L, L]
+    """
+    L = segments.shape[1]
+    causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+    same = segments[:, :, None] == segments[:, None, :]  # [B, L, L]
+    return (same & causal)[:, None]
+
+
+def _head(model, h: mx.array) -> mx.array:
+    """The output projection mlx-lm's `Model.__call__` applies after `model.model`."""
+    if getattr(model, "lm_head", None) is not None:
+        logits = model.lm_head(h)
+    else:
+        logits = model.model.embed_tokens.as_linear(h)
+    cap = getattr(model, "final_logit_softcapping", None)
+    if cap:
+        logits = mx.tanh(logits / cap) * cap
+    return logits
+
+
+def _hidden(model, inputs: mx.array, segments: mx.array | None) -> mx.array:
+    cache = None
+    if segments is not None:
+        cache = [_MaskCache(segment_mask(segments))] * len(model.layers)
+    return model.model(inputs, cache=cache)
+
+
+def check_architecture(model, packing: bool) -> bool:
+    """Check the two tricks above on this model with an 8-token probe.
+
+    Returns:
+        True if hidden states + head reproduce `model(x)`, so the chunked loss is exact; False
+        means the loss falls back to full logits (e.g. a model with its own logit scaling).
+    Raises:
+        ModelError: with `packing`, when a packed row's second sample would see the first.
+    """
+    x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    try:
+        head_ok = bool(mx.allclose(_head(model, _hidden(model, x, None)), model(x), atol=1e-4, rtol=1e-3))
+    except (AttributeError, TypeError):
+        head_ok = False
+    if packing:
+        seg = mx.array([[0, 0, 0, 1, 1, 1, 1, 1]])
+        try:
+            isolated = head_ok and bool(mx.allclose(_head(model, _hidden(model, x, seg))[:, 3:],
+                                                    model(x[:, 3:]), atol=1e-4, rtol=1e-3))
+        except (AttributeError, TypeError):
+            isolated = False
+        if not isolated:
+            raise ModelError(f"data.pack: {type(model).__module__} does not take mlx_ft's attention mask, so "
+                             "packed samples would attend to each other; set data.pack = false")
+    return head_ok
+
+
+def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None = None,
+             chunk_size: int = 512, exact_head: bool = True):
+    """Sum of masked next-token cross-entropies and the number of supervised tokens.
+
+    Args:
+        tokens: int32 [B, L]; mask: bool [B, L], True where token t is a supervised target;
+        segments: int32 [B, L] packed-sample ids or None; chunk_size: positions per logits chunk
+        (0 = all at once); exact_head: False when `check_architecture` found that the
+        hidden-state path differs from `model(x)` for this model (then full logits are used).
+    Returns:
+        (loss_sum, n_tokens): float32 scalars.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    weights = mask[:, 1:].astype(mx.float32)  # [B, L-1]
+    seg = segments[:, :-1] if segments is not None else None
+    if not exact_head:
+        if seg is not None:
+            raise ModelError("data.pack: packing needs mlx-lm's standard model layout; set data.pack = false")
+        logits = model(inputs).astype(mx.float32)
+        return (nn.losses.cross_entropy(logits, targets) * weights).sum(), weights.sum()
+
+    h = _hidden(model, inputs, seg)  # [B, L-1, D]
+
+    def chunk_loss(h_c, t_c, w_c):
+        logits = _head(model, h_c).astype(mx.float32)  # [B, c, V]: the only logits alive
+        return (nn.losses.cross_entropy(logits, t_c) * w_c).sum()
+
+    n = h.shape[1]
+    step = chunk_size if chunk_size and chunk_size < n else n
+    if step == n:
+        return chunk_loss(h, targets, weights), weights.sum()
+    total = mx.array(0.0, dtype=mx.float32)
+    for s in range(0, n, step):
+        t_c, w_c = targets[:, s:s + step], weights[:, s:s + step]
+        # Only h_c is an argument: mx.checkpoint differentiates every argument, and the integer
+        # targets have no gradient.
+        scored = mx.checkpoint(lambda h_c, t_c=t_c, w_c=w_c: chunk_loss(h_c, t_c, w_c))
+        total = total + scored(h[:, s:s + step])
+    return total, weights.sum()
+
+
+def enable_grad_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in the backward pass.
+
+    mlx-lm's `grad_checkpoint` replaces `__call__` for every instance of the block class, for the
+    rest of the process. We patch each block class once, but only instances flagged here
+    checkpoint, so other models in the same process (a notebook) are untouched.
+    """
+    for block in model.layers:
+        cls = type(block)
+        if not getattr(cls, "_mlxft_patched", False):
+            original = cls.__call__
+
+            def patched(self, *args, _original=original, **kwargs):
+                if not getattr(self, "_mlxft_checkpoint", False):
+                    return _original(self, *args, **kwargs)
+
+                def inner(params, *a, **kw):
+                    self.update(params)
+                    return _original(self, *a, **kw)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+            cls.__call__ = patched
+            cls._mlxft_patched = True
+        object.__setattr__(block, "_mlxft_checkpoint", True)
