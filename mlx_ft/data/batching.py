@@ -1,0 +1,136 @@
+"""Batching: length buckets without packing, best-fit packing with per-sample segments with it.
+
+A *plan* is the recipe for one batch: a list of rows, each row a list of sample indices.
+Without packing every row holds one sample; with packing a row holds as many as fit in
+`max_seq_len` tokens. `epoch_batches` gives the plans of one epoch, the same list for the same
+(seed, epoch), so a resumed run skips the first k plans and sees exactly the same data.
+
+Packing example (max_seq_len 8, samples a = 3 tokens, b = 4 tokens; `.` = padding)::
+
+    tokens   = [a0 a1 a2 b0 b1 b2 b3 .]
+    segments = [ 0  0  0  1  1  1  1 -1]
+    mask     = [ F  ?  ?  F  ?  ?  ?  F]    a sample's first token is never a target
+
+The loss builds a block-diagonal causal attention mask from `segments`, so b0..b3 attend only to
+b. Positions run on continuously along the row (b0 is at position 3), which is harmless: RoPE
+makes attention depend on the relative offset between query and key only, and within the
+isolated block those offsets are the same as if b started at position 0.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Unpacked batches are padded to a multiple of this many positions, so a compiled step sees few
+# distinct shapes; packed rows are always max_seq_len wide.
+PAD_MULTIPLE = 8
+# Length buckets are formed within windows of this many batches of shuffled samples: sorting
+# the whole set would give the same batch compositions every epoch.
+BUCKET_WINDOW = 64
+
+Plan = list[list[int]]
+
+
+@dataclass
+class Sample:
+    """One rendered sample. `mask[i]` True: token i is a supervised target."""
+
+    tokens: list[int]
+    mask: list[bool]
+    source: int = 0
+    """Index of the `data.train` source it came from."""
+
+
+@dataclass
+class Batch:
+    tokens: np.ndarray  # int32 [B, L]
+    mask: np.ndarray  # bool [B, L], True where tokens[b, i] is a supervised target
+    segments: np.ndarray | None  # int32 [B, L]: sample index within the row, -1 for padding; None unpacked
+    n_supervised: int
+    n_padding: int
+
+
+def epoch_batches(samples: list[Sample], batch_size: int, max_seq_len: int, pack: bool,
+                  seed: int, epoch: int, shuffle: bool = True) -> list[Plan]:
+    """The batch plans of one epoch, deterministic in (seed, epoch); the last batch may be smaller."""
+    rng = np.random.default_rng([seed, epoch])
+    lengths = np.array([len(s.tokens) for s in samples], dtype=np.int64)
+    if len(lengths) and lengths.max() > max_seq_len:
+        raise ValueError(f"a sample of {lengths.max()} tokens exceeds max_seq_len={max_seq_len}; "
+                         "load_datasets truncates or drops them")
+    order = rng.permutation(len(samples)) if shuffle else np.arange(len(samples))
+    if pack:
+        rows = _pack_rows(lengths, order, max_seq_len)
+        if shuffle:
+            rows = [rows[i] for i in rng.permutation(len(rows))]
+        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    batches = []
+    window = batch_size * BUCKET_WINDOW
+    for w in range(0, len(order), window):
+        idx = order[w:w + window]
+        idx = idx[np.argsort(lengths[idx], kind="stable")]  # ties keep the shuffled order
+        batches += [[[int(i)] for i in idx[b:b + batch_size]] for b in range(0, len(idx), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def _pack_rows(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each sample, longest first, goes into the fullest row it fits in."""
+    by_length = sorted(order.tolist(), key=lambda i: -lengths[i])  # stable: ties stay shuffled
+    space: list[tuple[int, int]] = []  # (free positions, row id), sorted
+    rows: list[list[int]] = []
+    for i in by_length:
+        n = int(lengths[i])
+        k = bisect.bisect_left(space, (n, -1))
+        if k == len(space):
+            rows.append([i])
+            bisect.insort(space, (capacity - n, len(rows) - 1))
+        else:
+            free, r = space.pop(k)
+            rows[r].append(i)
+            bisect.insort(space, (free - n, r))
+    return rows
+
+
+def row_width(samples: list[Sample], plan: Plan, max_seq_len: int, pack: bool) -> int:
+    """L, the padded width of the batch `plan`."""
+    if pack:
+        return max_seq_len
+    longest = max(sum(len(samples[i].tokens) for i in row) for row in plan)
+    return min(max_seq_len, math.ceil(longest / PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def collate(samples: list[Sample], plan: Plan, max_seq_len: int, pack: bool, pad_id: int = 0) -> Batch:
+    """Stack the rows of `plan` into right-padded arrays (padding is never a target)."""
+    B, L = len(plan), row_width(samples, plan, max_seq_len, pack)
+    tokens = np.full((B, L), pad_id, dtype=np.int32)
+    mask = np.zeros((B, L), dtype=bool)
+    segments = np.full((B, L), -1, dtype=np.int32) if pack else None
+    used = 0
+    for r, row in enumerate(plan):
+        pos = 0
+        for k, i in enumerate(row):
+            s = samples[i]
+            n = len(s.tokens)
+            assert pos + n <= L, "plan rows must fit max_seq_len"  # internal invariant of epoch_batches
+            tokens[r, pos:pos + n] = s.tokens
+            mask[r, pos:pos + n] = s.mask
+            # The first token of a sample cannot be predicted from the sample before it.
+            mask[r, pos] = False
+            if pack:
+                segments[r, pos:pos + n] = k
+            pos += n
+        used += pos
+    return Batch(tokens, mask, segments, int(mask.sum()), B * L - used)
+
+
+def padding_fraction(samples: list[Sample], plans: list[Plan], max_seq_len: int, pack: bool) -> float:
+    """Share of the positions in these batches that are padding (wasted compute)."""
+    total = sum(len(p) * row_width(samples, p, max_seq_len, pack) for p in plans)
+    real = sum(len(samples[i].tokens) for p in plans for row in p for i in row)
+    return 1 - real / total if total else 0.0

@@ -1,0 +1,120 @@
+"""`mlxft data inspect`: what the model will see, before any weight is loaded.
+
+Counts per source, the token-length histogram, supervised-token share, dropped and truncated
+samples, batches and steps per epoch with their padding, and a few rendered samples whose
+supervised tokens are coloured (or wrapped in [[ ]] when the output is not a terminal).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..recipe import Recipe
+from .batching import epoch_batches, padding_fraction
+from .dataset import load_datasets, record_texts
+
+TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def load_tokenizer(recipe: Recipe):
+    """The model's tokenizer (mlx-lm TokenizerWrapper) without loading or downloading weights."""
+    from mlx_lm.utils import load_config, load_tokenizer as mlx_load_tokenizer
+
+    from ..errors import ModelError
+    from ..models import resolve_model_path
+
+    cfg = recipe.model
+    if cfg.path.startswith("builtin:") or Path(cfg.path).expanduser().exists() or cfg.path.count("/") != 1:
+        model_dir = resolve_model_path(cfg.path, cfg.revision, texts=lambda: record_texts(recipe))
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            model_dir = Path(snapshot_download(cfg.path, revision=cfg.revision, allow_patterns=TOKENIZER_PATTERNS))
+        except Exception as e:  # offline, unknown or gated repo
+            raise ModelError(f"model.path: cannot get the tokenizer of {cfg.path!r} from the Hugging Face hub "
+                             f"({type(e).__name__}); download it once with `hf download {cfg.path}`") from None
+    config = load_config(model_dir)
+    return mlx_load_tokenizer(model_dir, {"trust_remote_code": cfg.trust_remote_code},
+                              eos_token_ids=config.get("eos_token_id"))
+
+
+def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None) -> dict:
+    """The data report of a recipe as plain (JSON-able) data."""
+    tokenizer = tokenizer or load_tokenizer(recipe)
+    splits = load_datasets(recipe, tokenizer)
+    d, t = recipe.data, recipe.training
+    plans = epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
+    train = splits.stats["train"]
+    return {
+        "recipe": recipe.source,
+        **splits.stats,
+        "supervised_fraction": round(train["supervised_tokens"] / max(train["tokens"], 1), 4),
+        "length_histogram": _histogram([len(s.tokens) for s in splits.train], d.max_seq_len),
+        "batching": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "pack": d.pack,
+                     "max_seq_len": d.max_seq_len, "batches_per_epoch": len(plans),
+                     "steps_per_epoch": math.ceil(len(plans) / t.grad_accum),
+                     "padding_fraction": round(padding_fraction(splits.train, plans, d.max_seq_len, d.pack), 4)},
+        "samples": [{"index": i, "source": s.source, "tokens": len(s.tokens), "supervised": sum(s.mask),
+                     "pieces": _pieces(tokenizer, s)} for i, s in enumerate(splits.train[:show])],
+    }
+
+
+def _histogram(lengths: list[int], max_seq_len: int) -> list[dict]:
+    """Counts in bins (lo, hi] with power-of-two edges up to max_seq_len."""
+    edges = [0] + [2 ** k for k in range(4, 32) if 2 ** k < max_seq_len] + [max_seq_len]
+    return [{"from": lo + 1, "to": hi, "count": sum(lo < n <= hi for n in lengths)}
+            for lo, hi in zip(edges, edges[1:])]
+
+
+def _pieces(tokenizer, sample) -> list[dict]:
+    """The sample as runs of text, each either supervised or not."""
+    runs: list[tuple[bool, list[int]]] = []
+    for tok, sup in zip(sample.tokens, sample.mask):
+        if runs and runs[-1][0] == sup:
+            runs[-1][1].append(tok)
+        else:
+            runs.append((sup, [tok]))
+    return [{"supervised": sup, "text": tokenizer.decode(ids)} for sup, ids in runs]
+
+
+def format_report(report: dict, color: bool = False) -> str:
+    """The report as text; `color` uses ANSI colours, otherwise supervised text is in [[ ]]."""
+    import click
+
+    out = [f"data of {report['recipe']}", "", "sources:"]
+    head = f"  {'source':<40} {'format':<12} {'records':>8} {'usable':>7} {'dropped':>8} {'truncated':>10} {'no-sup':>7} {'weight':>7} {'in epoch':>9}"
+    out.append(head)
+    for s in report["sources"]:
+        name = s["source"] if len(s["source"]) <= 40 else "..." + s["source"][-37:]
+        w = "-" if s["weight"] is None else f"{s['weight']:g}"
+        out.append(f"  {name:<40} {s['format']:<12} {s['records']:>8} {s['samples']:>7} {s['dropped']:>8} "
+                   f"{s['truncated']:>10} {s['no_supervised']:>7} {w:>7} {s['epoch_samples']:>9}")
+    tr = report["train"]
+    out += ["", f"train: {tr['samples']} samples, {tr['tokens']} tokens, {tr['supervised_tokens']} supervised "
+                f"({100 * report['supervised_fraction']:.1f}%), mean length {tr['mean_len']}, max {tr['max_len']}",
+            f"       {report['dropped']} dropped (longer than max_seq_len), {report['truncated']} truncated, "
+            f"{report['no_supervised']} without supervised tokens"]
+    v = report["valid"]
+    out.append("valid: none" if v is None else
+               f"valid: {v['samples']} samples, {v['tokens']} tokens, {v['supervised_tokens']} supervised, "
+               f"{v['dropped']} dropped, {v['truncated']} truncated")
+    out += ["", "token lengths (train):"]
+    top = max((b["count"] for b in report["length_histogram"]), default=0) or 1
+    for b in report["length_histogram"]:
+        bar = "#" * math.ceil(40 * b["count"] / top) if b["count"] else ""
+        out.append(f"  {b['from']:>6}-{b['to']:<6} {b['count']:>7} {bar}")
+    bt = report["batching"]
+    out += ["", f"batches: batch_size {bt['batch_size']}, {'packed' if bt['pack'] else 'length-bucketed'} rows of "
+                f"<= {bt['max_seq_len']} tokens: {bt['batches_per_epoch']} batches per epoch, {bt['steps_per_epoch']} "
+                f"steps per epoch (grad_accum {bt['grad_accum']}), {100 * bt['padding_fraction']:.1f}% padding"]
+    if report["samples"]:
+        legend = "green" if color else "[[inside double brackets]]"
+        out += ["", f"rendered samples (supervised tokens {legend}):"]
+    for s in report["samples"]:
+        out.append(f"--- sample {s['index']} (source {s['source']}, {s['tokens']} tokens, {s['supervised']} supervised)")
+        text = "".join(click.style(p["text"], fg="green", bold=True) if p["supervised"] and color
+                       else f"[[{p['text']}]]" if p["supervised"] else p["text"] for p in s["pieces"])
+        out.append(text.rstrip("\n"))
+    return "\n".join(out)
