@@ -98,16 +98,17 @@ def train_spm_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 5
         sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", character_coverage=1.0, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=SPECIAL_TOKENS[1:],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=SPECIAL_TOKENS,
         minloglevel=2,
     )
     (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
-    # transformers converts tokenizer.model to its fast form only on from_pretrained.
+    # transformers converts tokenizer.model to its fast form only on from_pretrained. legacy=True:
+    # a "▁" after special tokens too, as llama.cpp's SentencePiece tokenizer does.
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+        "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
         "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     tok = AutoTokenizer.from_pretrained(str(out_dir))
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     return tok
 
 
@@ -171,7 +172,7 @@ def build_tiny_model(
             "torch_dtype": "float32",
             "bos_token_id": tok_id(bos) if bos else None,
             "eos_token_id": tok_id("<|im_end|>"),
-            "pad_token_id": tok_id("<|endoftext|>") if tokenizer == "bpe" else None,
+            "pad_token_id": tok_id("<|endoftext|>"),
             **(extra_config or {}),
         }
         config.update({k: v(config) for k, v in family_cfg.items() if callable(v)})
@@ -189,7 +190,7 @@ def build_tiny_model(
             "tokenizer_class": tok_class,
             "bos_token": bos,
             "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>" if tokenizer == "bpe" else None,
+            "pad_token": "<|endoftext|>",
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
             "add_bos_token": add_bos,
             "add_eos_token": False,

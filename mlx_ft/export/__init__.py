@@ -1,0 +1,240 @@
+"""Export stage: fuse an adapter into its base and write it for other runtimes.
+
+    fuse(run, to="safetensors")      Hugging Face directory (mlx-lm, transformers)
+    fuse(run, to="gguf")             one GGUF file (llama.cpp, Ollama) + an Ollama Modelfile
+    export_adapter(run, to="peft")   PEFT adapter for transformers + peft
+    export_adapter(run, to="gguf-lora")  llama.cpp LoRA adapter (`llama-cli --lora`)
+    run_exports(recipe, run_dir)     what the recipe's [export] table asks for, into run_dir/export/
+
+Every writer refuses an existing target unless `overwrite`, checks free disk space first and writes
+under a temp name that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import ExportError
+from ._io import check_target
+
+FUSE_FORMATS = ("safetensors", "gguf")
+ADAPTER_FORMATS = ("peft", "gguf-lora")
+DTYPES = ("bf16", "f16", "f32")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # written by gguf-py directly
+# K-quants and other mixtures are made by llama.cpp's llama-quantize from an f16 file.
+LLAMA_QUANTIZE_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+                        "q6_k", "iq4_nl", "iq4_xs")
+
+__all__ = ["fuse", "export_adapter", "run_exports", "FUSE_FORMATS", "ADAPTER_FORMATS", "GGUF_TYPES",
+           "LLAMA_QUANTIZE_TYPES", "DTYPES"]
+
+
+def _default_out(adapter_dir: Path, what: str) -> Path:
+    # <run>/adapters -> <run>/export/<what>; a bare adapter dir -> <adapter dir>/export/<what>
+    root = adapter_dir.parent if adapter_dir.name == "adapters" else adapter_dir
+    return root / "export" / what
+
+
+def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type: str = "f16",
+         quantize: int | None = None, overwrite: bool = False, group_size: int = 64) -> Path:
+    """Merge the adapter of a run (or adapter directory) into its dequantized base and write it.
+
+    Args:
+        path: run directory or adapter directory.
+        to: "safetensors" (HF directory) or "gguf" (one file, plus a Modelfile next to it).
+        out: target directory (safetensors) or .gguf file; default <run>/export/...
+        dtype: float type of the safetensors weights (bf16, f16, f32).
+        gguf_type: f32, f16, bf16, q8_0, q4_0, or a K-quant such as q4_k_m (needs llama-quantize).
+        quantize: 4 or 8 to re-quantize the safetensors for MLX (lossy; MLX-only format).
+        overwrite: replace an existing target.
+    Returns:
+        the written directory or file.
+    Raises:
+        ExportError: bad arguments, unsupported architecture, adapter that does not fit the base,
+            existing target, not enough disk.
+    """
+    from ..models import find_adapter_dir
+    from .fuse import cast_model, fuse_model, load_adapted
+
+    if to not in FUSE_FORMATS:
+        raise ExportError(f"--to {to}: fuse writes one of {', '.join(FUSE_FORMATS)}; "
+                          f"for the adapter alone use `mlxft export-adapter --to {'|'.join(ADAPTER_FORMATS)}`")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    gguf_type = gguf_type.lower()
+    if to == "gguf":
+        if gguf_type not in GGUF_TYPES + LLAMA_QUANTIZE_TYPES:
+            raise ExportError(f"--gguf-type {gguf_type}: expected one of {', '.join(GGUF_TYPES)}, or a "
+                              f"llama-quantize type ({', '.join(LLAMA_QUANTIZE_TYPES)})")
+        if gguf_type in LLAMA_QUANTIZE_TYPES:
+            _llama_quantize_binary(gguf_type)  # fail before the slow part
+        if quantize:
+            raise ExportError("--quantize applies to --to safetensors; for GGUF choose --gguf-type q8_0, q4_0 or q4_k_m")
+    if quantize not in (None, 4, 8):
+        raise ExportError(f"--quantize {quantize}: expected 4 or 8 (bits)")
+
+    adapter_dir = find_adapter_dir(path)
+    if out is None:
+        out = _default_out(adapter_dir, "safetensors" if to == "safetensors" else f"gguf/model-{gguf_type}.gguf")
+    out = Path(out)
+    if to == "gguf" and out.suffix != ".gguf":
+        out = out / f"model-{gguf_type}.gguf"  # --out names a directory
+    check_target(out, overwrite)
+    if to == "gguf":
+        from .gguf_file import check_supported
+
+        check_supported(_read_base_config(adapter_dir))  # refuse an unknown architecture before loading
+
+    adapted = load_adapted(adapter_dir)
+    fuse_model(adapted.model)
+    if to == "safetensors":
+        from .hf import write_hf_dir
+
+        cast_model(adapted.model, dtype)
+        q = {"bits": quantize, "group_size": group_size} if quantize else None
+        return write_hf_dir(adapted.model, adapted.base_dir, out, dtype, q)
+    return _write_fused_gguf(adapted, out, gguf_type, overwrite)
+
+
+def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool) -> Path:
+    from .gguf_file import write_model_gguf
+    from .ollama import write_modelfile
+
+    name = Path(str(adapted.config.get("base_model", "model"))).name + "-fused"
+    if gguf_type in LLAMA_QUANTIZE_TYPES:
+        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+            f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name)
+            _run_llama_quantize(f16, out, gguf_type)
+    else:
+        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name)
+    write_modelfile(out, adapted.base_dir, overwrite=True)
+    return out
+
+
+def _read_base_config(adapter_dir: Path) -> dict:
+    import json
+
+    from ..models import resolve_model_path
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model")
+    if not base:
+        raise ExportError(f"{adapter_dir}/adapter_config.json: no base_model recorded")
+    return json.loads((resolve_model_path(base) / "config.json").read_text())
+
+
+def _llama_quantize_binary(gguf_type: str) -> str:
+    exe = shutil.which("llama-quantize")
+    if exe is None:
+        raise ExportError(
+            f"--gguf-type {gguf_type} needs llama.cpp's `llama-quantize` on PATH, which was not found. "
+            "Get it with `brew install llama.cpp` (macOS) or build llama.cpp "
+            "(cmake -B build && cmake --build build --target llama-quantize). Or export "
+            "--gguf-type f16 and run `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M` yourself; "
+            "q8_0 and q4_0 need no extra tool.")
+    return exe
+
+
+def _run_llama_quantize(src: Path, out: Path, gguf_type: str) -> None:
+    from ._io import atomic_file
+
+    exe = _llama_quantize_binary(gguf_type)
+    with atomic_file(out) as tmp:
+        proc = subprocess.run([exe, str(src), str(tmp), gguf_type.upper()], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-5:])
+            raise ExportError(f"llama-quantize failed ({proc.returncode}) making {out}:\n{tail}")
+
+
+def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, with_base: str | None = None) -> Path:
+    """Write the adapter of a run (or adapter directory) without fusing it.
+
+    Args:
+        to: "peft" (adapter_config.json + adapter_model.safetensors for transformers + peft) or
+            "gguf-lora" (a llama.cpp LoRA GGUF to load with `--lora` on the base GGUF).
+        out: target directory (peft) or .gguf file; default <run>/export/...
+        with_base: for gguf-lora, also write the base as `base-<type>.gguf` (f32, f16, bf16, q8_0,
+            q4_0) next to the adapter, dequantized exactly as the adapter saw it in training (QLoRA),
+            and a Modelfile with FROM + ADAPTER.
+    Returns:
+        the written directory or file.
+    Raises:
+        ExportError: unsupported adapter type for the format, adapter that does not fit the base,
+            existing target, not enough disk.
+    """
+    from ..models import find_adapter_dir
+    from .fuse import load_adapted
+
+    if to not in ADAPTER_FORMATS:
+        raise ExportError(f"--to {to}: export-adapter writes one of {', '.join(ADAPTER_FORMATS)}; "
+                          "for a merged model use `mlxft fuse`")
+    adapter_dir = find_adapter_dir(path)
+    out = Path(out) if out is not None else _default_out(adapter_dir, "peft" if to == "peft" else "gguf-lora/adapter.gguf")
+    if to == "gguf-lora" and out.suffix != ".gguf":
+        out = out / "adapter.gguf"
+    check_target(out, overwrite)
+    import json
+
+    ft = json.loads((adapter_dir / "adapter_config.json").read_text()).get("fine_tune_type", "lora")
+    if ft == "full":
+        raise ExportError(f"{adapter_dir}: a full fine-tune has no low-rank adapter to export; "
+                          "use `mlxft fuse` to write the whole model")
+    if to == "gguf-lora":
+        from .gguf_file import check_supported
+
+        check_supported(_read_base_config(adapter_dir))
+    adapted = load_adapted(adapter_dir)
+    if to == "peft":
+        from .peft import write_peft
+
+        return write_peft(adapted, out)
+    from .gguf_file import write_lora_gguf
+
+    if with_base is not None and with_base not in GGUF_TYPES:
+        raise ExportError(f"--with-base {with_base}: expected one of {', '.join(GGUF_TYPES)}")
+    write_lora_gguf(adapted, out)
+    if with_base:
+        _write_base_gguf(adapted, out, with_base)
+    return out
+
+
+def _write_base_gguf(adapted, adapter_gguf: Path, gguf_type: str) -> Path:
+    """The base the adapter was trained on (dequantized if it was quantized), as a GGUF."""
+    from mlx_lm.utils import dequantize_model
+
+    from ..models import load_base
+    from ..recipe import ModelConfig, QuantizeConfig
+    from .gguf_file import write_model_gguf
+    from .ollama import write_modelfile
+
+    q = adapted.config.get("quantize")
+    base, _, _ = load_base(ModelConfig(path=str(adapted.base_dir), quantize=QuantizeConfig(**q) if q else None))
+    dequantize_model(base)
+    out = adapter_gguf.parent / f"base-{gguf_type}.gguf"
+    write_model_gguf(base, adapted.base_dir, out, gguf_type, adapted.base_dir.name)
+    write_modelfile(out, adapted.base_dir, overwrite=True, adapter=adapter_gguf.name)
+    return out
+
+
+def run_exports(recipe, run_dir) -> list[Path]:
+    """Export what `recipe.export` asks for into <run_dir>/export/, replacing earlier exports."""
+    run_dir = Path(run_dir)
+    cfg = recipe.export
+    done = []
+    for fmt in cfg.to:
+        if fmt == "safetensors":
+            done.append(fuse(run_dir, "safetensors", run_dir / "export" / "safetensors", dtype=cfg.dtype, overwrite=True))
+        elif fmt == "gguf":
+            done.append(fuse(run_dir, "gguf", run_dir / "export" / "gguf" / f"model-{cfg.gguf_type}.gguf",
+                             gguf_type=cfg.gguf_type, overwrite=True))
+        elif fmt == "peft":
+            done.append(export_adapter(run_dir, "peft", run_dir / "export" / "peft", overwrite=True))
+        elif fmt == "gguf-lora":
+            done.append(export_adapter(run_dir, "gguf-lora", run_dir / "export" / "gguf-lora" / "adapter.gguf",
+                                       overwrite=True))
+        else:  # the recipe loader already rejects this; kept for dict-built recipes
+            raise ExportError(f"export.to: unknown format {fmt!r}; known: {', '.join(FUSE_FORMATS + ADAPTER_FORMATS)}")
+    return done
