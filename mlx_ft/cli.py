@@ -154,4 +154,4 @@ def data_inspect(recipe, show, as_json, overrides):
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        click.echo(format_report(report, color=click.get_text_stream("stdout").isatty()))
+        click.echo(format_report(report, color=sys.stdout.isatty()))
