@@ -57,7 +57,7 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
             existing target, not enough disk.
     """
     from ..models import find_adapter_dir
-    from .fuse import cast_model, fuse_model, load_adapted
+    from .merge import cast_model, fuse_model, load_adapted
 
     if to not in FUSE_FORMATS:
         raise ExportError(f"--to {to}: fuse writes one of {', '.join(FUSE_FORMATS)}; "
@@ -166,7 +166,7 @@ def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, wi
             existing target, not enough disk.
     """
     from ..models import find_adapter_dir
-    from .fuse import load_adapted
+    from .merge import load_adapted
 
     if to not in ADAPTER_FORMATS:
         raise ExportError(f"--to {to}: export-adapter writes one of {', '.join(ADAPTER_FORMATS)}; "
