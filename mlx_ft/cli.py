@@ -155,3 +155,55 @@ def data_inspect(recipe, show, as_json, overrides):
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         click.echo(format_report(report, color=sys.stdout.isatty()))
+
+
+@main.command()
+@click.argument("run_or_adapter_dir", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,
+              help="Hugging Face directory (mlx-lm, transformers) or one GGUF file (llama.cpp, Ollama).")
+@click.option("--out", type=click.Path(path_type=Path), help="Target dir or .gguf file [default: RUN/export/...].")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True,
+              help="Float type of the safetensors weights.")
+@click.option("--gguf-type", default="f16", show_default=True,
+              help="f32, f16, bf16, q8_0, q4_0; K-quants (q4_k_m, q5_k_m, q6_k, ...) via llama-quantize.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Re-quantize the safetensors for MLX (lossy).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing target.")
+@user_errors
+def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, overwrite):
+    """Merge the adapter into its (dequantized) base and write the model.
+
+    \b
+    Example:
+      mlxft fuse runs/demo --to safetensors --dtype bf16
+      mlxft fuse runs/demo --to gguf --gguf-type q8_0
+    """
+    from .export import fuse as fuse_export
+
+    path = fuse_export(run_or_adapter_dir, to=to, out=out, dtype=dtype, gguf_type=gguf_type,
+                       quantize=int(quantize) if quantize else None, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+    if to == "gguf":
+        click.echo(f"wrote {path.parent / 'Modelfile'}  (ollama create NAME -f {path.parent / 'Modelfile'})")
+
+
+@main.command("export-adapter")
+@click.argument("run_or_adapter_dir", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice(["peft", "gguf-lora"]), default="peft", show_default=True,
+              help="PEFT directory (transformers + peft) or a llama.cpp LoRA GGUF (llama-cli --lora).")
+@click.option("--out", type=click.Path(path_type=Path), help="Target dir or .gguf file [default: RUN/export/...].")
+@click.option("--with-base", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
+              help="gguf-lora: also write the base GGUF the adapter applies to, and a Modelfile.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing target.")
+@user_errors
+def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
+    """Write the adapter alone, for PEFT or llama.cpp, without merging it.
+
+    \b
+    Example:
+      mlxft export-adapter runs/demo --to peft
+      mlxft export-adapter runs/demo --to gguf-lora --with-base f16
+    """
+    from .export import export_adapter as export
+
+    path = export(run_or_adapter_dir, to=to, out=out, overwrite=overwrite, with_base=with_base)
+    click.echo(f"wrote {path}")
