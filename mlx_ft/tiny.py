@@ -194,6 +194,7 @@ def build_tiny_model(
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
             "add_bos_token": add_bos,
             "add_eos_token": False,
+            **({"legacy": True} if tokenizer == "spm" else {}),  # transformers forgets it on save
             "clean_up_tokenization_spaces": False,
             "model_max_length": 4096,
             "chat_template": CHATML_TEMPLATE,

@@ -1,0 +1,121 @@
+"""GGUF export checked in the real llama.cpp (llama-cpp-python): logits, tokenizer, chat template,
+LoRA adapters. Tiny models of each supported family, no network.
+
+NMSE = mean((llama.cpp - MLX)^2) / var(MLX), llama.cpp's check-nmse.py measure; the KV cache is
+F32 (type_k = type_v = 0) so that the file, not the cache, is what is measured.
+"""
+
+import numpy as np
+import pytest
+
+import llama_cpp
+from test_export_helpers import TEST_TEXT, build_base, make_adapter, mlx_logits, nmse, prompt_ids
+
+from mlx_ft.errors import ExportError
+from mlx_ft.export import export_adapter, fuse
+
+F32 = 0  # GGML_TYPE_F32 for the KV cache
+
+# (family, tokenizer): every family once, both tokenizer kinds among them.
+CASES = [("llama", "bpe"), ("llama", "spm"), ("mistral", "spm"), ("qwen2", "bpe"), ("qwen3", "bpe"),
+         ("gemma2", "spm"), ("gemma3", "bpe"), ("phi3", "spm")]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+def run_llama_cpp(path, ids, lora=None):
+    kw = {"lora_path": str(lora)} if lora else {}
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, type_k=F32, type_v=F32, verbose=False,
+                          seed=0, **kw)
+    llm.eval(ids)
+    return llm, np.array(llm.scores[: len(ids)])
+
+
+def _hf_tokenizer(base):
+    from mlx_lm.utils import load
+
+    model, tok = load(str(base))
+    return model, tok
+
+
+@pytest.mark.parametrize("family,tokenizer", CASES, ids=[f"{f}-{t}" for f, t in CASES])
+def test_fused_gguf_f16_matches_mlx(root, family, tokenizer):
+    base = build_base(root, family, tokenizer)
+    adapter_dir, adapted = make_adapter(root, base)
+    _, tok = _hf_tokenizer(base)
+    ids = prompt_ids(tok)
+    ref = mlx_logits(adapted, ids)
+
+    out = fuse(adapter_dir, to="gguf", gguf_type="f16")
+    llm, got = run_llama_cpp(out, ids)
+    err = nmse(got, ref)
+    print(f"{family}-{tokenizer} f16 NMSE {err:.2e}")
+    assert err < 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    # The tokenizer: same ids as the HF tokenizer mlx-lm trains with, specials and bos included.
+    assert llm.tokenize(TEST_TEXT.encode(), add_bos=True, special=True) == tok.encode(TEST_TEXT)
+    plain = "Item 12 is red!\n  ünïcode 🙂"
+    assert llm.tokenize(plain.encode(), add_bos=False, special=False) == tok.encode(plain, add_special_tokens=False)
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+    assert llm.metadata["tokenizer.ggml.model"] == ("gpt2" if tokenizer == "bpe" else "llama")
+    assert (out.parent / "Modelfile").is_file()
+
+
+@pytest.mark.parametrize("gguf_type,bound", [("q8_0", 5e-3), ("q4_0", 5e-2), ("bf16", 1e-4)])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_gguf_quantized_close_to_mlx(root, family, gguf_type, bound):
+    base = build_base(root, family, "bpe")
+    adapter_dir, adapted = make_adapter(root, base, seed=2)
+    _, tok = _hf_tokenizer(base)
+    ids = prompt_ids(tok)
+    out = fuse(adapter_dir, to="gguf", gguf_type=gguf_type)
+    _, got = run_llama_cpp(out, ids)
+    err = nmse(got, mlx_logits(adapted, ids))
+    print(f"{family} {gguf_type} NMSE {err:.2e}")
+    assert err < bound
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3"])
+def test_lora_gguf_on_base_gguf_matches_mlx(root, family):
+    import gguf
+
+    base = build_base(root, family, "bpe" if family != "phi3" else "spm")
+    adapter_dir, adapted = make_adapter(root, base, seed=3)
+    _, tok = _hf_tokenizer(base)
+    ids = prompt_ids(tok)
+    lora = export_adapter(adapter_dir, to="gguf-lora", with_base="f32")
+    r = gguf.GGUFReader(str(lora))
+    assert r.fields["adapter.lora.alpha"].parts[-1][0] == pytest.approx(2.0 * 4)  # scale 8/4 x rank 4
+    names = {t.name for t in r.tensors}
+    assert "blk.0.attn_output.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+    _, got = run_llama_cpp(lora.parent / "base-f32.gguf", ids, lora=lora)
+    err = nmse(got, mlx_logits(adapted, ids))
+    print(f"{family} f32 base + LoRA GGUF NMSE {err:.2e}")
+    assert err < 1e-6
+    assert "ADAPTER ./adapter.gguf" in (lora.parent / "Modelfile").read_text()
+
+
+def test_lora_gguf_for_qlora_uses_the_dequantized_base(root):
+    base = build_base(root, "llama", "bpe")
+    adapter_dir, adapted = make_adapter(root, base, quantize=True, seed=4)
+    _, tok = _hf_tokenizer(base)
+    ids = prompt_ids(tok)
+    lora = export_adapter(adapter_dir, to="gguf-lora", with_base="f32")
+    _, got = run_llama_cpp(lora.parent / "base-f32.gguf", ids, lora=lora)
+    err = nmse(got, mlx_logits(adapted, ids))
+    print(f"llama QLoRA f32 dequantized base + LoRA GGUF NMSE {err:.2e}")
+    assert err < 1e-6
+
+
+def test_dora_refused_for_gguf_lora_but_fuses(root):
+    base = build_base(root, "qwen2", "bpe")
+    adapter_dir, adapted = make_adapter(root, base, method="dora", seed=5)
+    with pytest.raises(ExportError, match="no DoRA adapters; fuse instead"):
+        export_adapter(adapter_dir, to="gguf-lora")
+    _, tok = _hf_tokenizer(base)
+    ids = prompt_ids(tok)
+    _, got = run_llama_cpp(fuse(adapter_dir, to="gguf", gguf_type="f32"), ids)
+    assert nmse(got, mlx_logits(adapted, ids)) < 1e-6
