@@ -105,6 +105,14 @@ def test_bad_messages(tmp_path, tok, messages, match):
         load_datasets(recipe(str(f)), tok)
 
 
+def test_utf8_bom_is_accepted(tmp_path, tok):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps(chat_corpus(1)[0]).encode() + b"\r\n")
+    g = tmp_path / "bom.json"
+    g.write_bytes(b"\xef\xbb\xbf" + json.dumps(chat_corpus(2)).encode())
+    assert len(load_datasets(recipe([str(f), str(g)]), tok).train) == 3
+
+
 def test_non_utf8_bytes_name_the_line(tmp_path, tok):
     f = tmp_path / "latin1.jsonl"
     f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
@@ -202,6 +210,11 @@ def test_directory_picks_the_split_files(tmp_path, tok):
     write_jsonl(flat / "train.jsonl", chat_corpus(5))
     write_jsonl(flat / "valid.jsonl", chat_corpus(2))
     assert len(load_datasets(recipe(str(flat), valid=str(flat)), tok).valid) == 2
+    # No split names: every data file is read, but not the metadata `datasets` writes.
+    plain = tmp_path / "plain"
+    write_jsonl(plain / "records.jsonl", chat_corpus(4))
+    (plain / "dataset_info.json").write_text('{"features": {}}')
+    assert len(load_datasets(recipe(str(plain)), tok).train) == 4
 
 
 def test_hf_dataset_from_the_hub_cache(tmp_path, tok, monkeypatch):

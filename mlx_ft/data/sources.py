@@ -22,6 +22,8 @@ from typing import Iterator
 from ..errors import DataError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
+# JSON files that dataset repos and `datasets.save_to_disk` keep next to the data: not records.
+METADATA_FILES = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
 # Canonical split name for the leading word of a file or folder name.
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "eval": "validation", "test": "test"}
@@ -57,6 +59,7 @@ def resolve_files(source: str, split: str) -> list[Path]:
             raise DataError(f"{shown}: ?split= selects files inside a directory or dataset repo, not in one file")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(EXTENSIONS)
+                   and p.name not in METADATA_FILES
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise DataError(f"{shown}: no {', '.join(EXTENSIONS)} files in this directory")
@@ -112,10 +115,10 @@ def read_records(path: Path) -> Iterator[tuple[str, object]]:
         yield from _read_parquet(path)
         return
     raw = path.read_bytes()
-    if path.name.endswith(".jsonl") or not raw.lstrip().startswith(b"["):
+    if path.name.endswith(".jsonl") or not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         yield from _read_jsonl(path, raw)
     else:
-        yield from _read_json_array(path, _decode(path, raw))
+        yield from _read_json_array(path, _decode(path, raw).lstrip("\ufeff"))
 
 
 def _decode(path: Path, raw: bytes, first_line: int = 1) -> str:
@@ -129,7 +132,7 @@ def _decode(path: Path, raw: bytes, first_line: int = 1) -> str:
 
 def _read_jsonl(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
     for n, line in enumerate(raw.split(b"\n"), 1):
-        text = _decode(path, line, n).strip()
+        text = _decode(path, line, n).strip().lstrip("\ufeff")  # a BOM some editors write
         if not text:
             continue
         try:
