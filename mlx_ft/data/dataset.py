@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..recipe import DataConfig, Recipe
-from .batching import Sample
+from .batching import Sample, epoch_batches, padding_fraction
 from .formats import Record, read_file
 from .render import render
 from .sources import resolve_files
@@ -124,8 +124,19 @@ def load_datasets(recipe: Recipe, tokenizer) -> Splits:
         "dropped": sum(c["dropped"] for c in counts),
         "truncated": sum(c["truncated"] for c in counts),
         "no_supervised": sum(c["no_supervised"] for c in counts),
+        "batching": _batching(mixed, recipe),
     }
     return Splits(mixed, valid, stats)
+
+
+def _batching(samples: list[Sample], recipe: Recipe) -> dict:
+    """Batches, optimizer steps and padding of the first epoch, as the recipe batches them."""
+    d, t = recipe.data, recipe.training
+    plans = epoch_batches(samples, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
+    return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "pack": d.pack,
+            "max_seq_len": d.max_seq_len, "batches_per_epoch": len(plans),
+            "steps_per_epoch": -(-len(plans) // t.grad_accum),
+            "padding_fraction": round(padding_fraction(samples, plans, d.max_seq_len, d.pack), 4)}
 
 
 def _render_all(records: list[Record], tokenizer, cfg: DataConfig, source: int) -> tuple[list[Sample], dict]:

@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 from ..recipe import Recipe
-from .batching import epoch_batches, padding_fraction
 from .dataset import load_datasets, record_texts
 
 TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
@@ -44,18 +43,12 @@ def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None) -> dict:
     """The data report of a recipe as plain (JSON-able) data."""
     tokenizer = tokenizer or load_tokenizer(recipe)
     splits = load_datasets(recipe, tokenizer)
-    d, t = recipe.data, recipe.training
-    plans = epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
     train = splits.stats["train"]
     return {
         "recipe": recipe.source,
         **splits.stats,
         "supervised_fraction": round(train["supervised_tokens"] / max(train["tokens"], 1), 4),
-        "length_histogram": _histogram([len(s.tokens) for s in splits.train], d.max_seq_len),
-        "batching": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "pack": d.pack,
-                     "max_seq_len": d.max_seq_len, "batches_per_epoch": len(plans),
-                     "steps_per_epoch": math.ceil(len(plans) / t.grad_accum),
-                     "padding_fraction": round(padding_fraction(splits.train, plans, d.max_seq_len, d.pack), 4)},
+        "length_histogram": _histogram([len(s.tokens) for s in splits.train], recipe.data.max_seq_len),
         "samples": [{"index": i, "source": s.source, "tokens": len(s.tokens), "supervised": sum(s.mask),
                      "pieces": _pieces(tokenizer, s)} for i, s in enumerate(splits.train[:show])],
     }
