@@ -68,6 +68,22 @@ def test_fused_bf16_close_and_loads_in_transformers(root, llama_base):
     assert np.abs(got - ref).max() < 0.1
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_fused_safetensors_load_in_transformers_every_family(root, family):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = build_base(root, family)
+    adapter_dir, adapted = make_adapter(root, base, seed=12)
+    _, tok = _load(base)
+    ids = prompt_ids(tok)
+    out = fuse(adapter_dir, to="safetensors", dtype="f32")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        got = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - mlx_logits(adapted, ids)).max() < 1e-4
+
+
 def test_requantized_safetensors_load_in_mlx(root, llama_base):
     adapter_dir, adapted = make_adapter(root, llama_base, seed=3)
     _, tok = _load(llama_base)

@@ -64,6 +64,33 @@ def test_fused_gguf_f16_matches_mlx(root, family, tokenizer):
     assert (out.parent / "Modelfile").is_file()
 
 
+# Llama 3.1-style RoPE scaling (written as a rope_freqs tensor) and tied embeddings (no output.weight).
+VARIANTS = {
+    "llama3-rope": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_gguf_variants_match_mlx(root, variant):
+    family, extra = VARIANTS[variant]
+    base = build_base(root, family, "bpe", tag="-" + variant, extra_config=extra)
+    adapter_dir, adapted = make_adapter(root, base, seed=6)
+    _, tok = _hf_tokenizer(base)
+    ids = prompt_ids(tok)
+    out = fuse(adapter_dir, to="gguf", gguf_type="f32")
+    llm, got = run_llama_cpp(out, ids)
+    err = nmse(got, mlx_logits(adapted, ids))
+    print(f"{variant} f32 NMSE {err:.2e}")
+    assert err < 1e-6
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert ("rope_freqs.weight" in names) == (variant == "llama3-rope")
+    assert ("output.weight" in names) == (variant != "qwen2-tied")
+
+
 @pytest.mark.parametrize("gguf_type,bound", [("q8_0", 5e-3), ("q4_0", 5e-2), ("bf16", 1e-4)])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fused_gguf_quantized_close_to_mlx(root, family, gguf_type, bound):

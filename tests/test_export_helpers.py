@@ -16,10 +16,10 @@ def texts():
     return corpus_texts(chat_corpus(200)) + [TEST_TEXT]
 
 
-def build_base(root: Path, family: str, tokenizer: str = "bpe", **kw) -> Path:
+def build_base(root: Path, family: str, tokenizer: str = "bpe", tag: str = "", **kw) -> Path:
     from mlx_ft.tiny import build_tiny_model
 
-    out = root / f"{family}-{tokenizer}-base"
+    out = root / f"{family}-{tokenizer}{tag}-base"
     if not out.exists():
         build_tiny_model(out, texts(), family=family, tokenizer=tokenizer, **kw)
     return out
