@@ -169,3 +169,20 @@ def test_json_roundtrip_of_tool_arguments_is_stable(tok):
     text = tok.apply_chat_template([{"role": "assistant", "content": None, "tool_calls": [{"function": call}]}],
                                    tokenize=False)
     assert json.dumps(call) in text
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    """A Llama-2-style SentencePiece tokenizer: '▁' pieces after special tokens stay scaffolding."""
+    from conftest import chat_corpus, corpus_texts
+
+    from mlx_ft.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "spm", corpus_texts(chat_corpus(60)), tokenizer="spm")
+    tok = _load_tokenizer(model_dir)
+    tokens, mask = render(rec(CHAT, "chat"), tok, "assistant")
+    runs = supervised_runs(tokens, mask)
+    assert [tok.decode(r) for r in runs] == ["Item 3 is red.<|im_end|>", "Yes, red.<|im_end|>"]
+    assert all(r[-1] == tok.convert_tokens_to_ids(EOT) for r in runs)
+    pieces = tok._tokenizer.convert_ids_to_tokens(tokens)
+    after = [i + 1 for i, p in enumerate(pieces[:-1]) if p == EOT]
+    assert after and not any(mask[i] for i in after)  # the '▁' / newline after <|im_end|>
