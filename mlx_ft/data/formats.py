@@ -14,6 +14,7 @@ file must agree (chat and tools may mix: a chat record is a tools record without
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,9 @@ class Record:
         """Every piece of user-visible text (for training the demo tokenizer)."""
         if self.text is not None:
             return [self.text]
-        return [m["content"] for m in self.messages if m.get("content")]
+        out = [m["content"] for m in self.messages if m.get("content")]
+        out += [json.dumps(m["tool_calls"]) for m in self.messages if m.get("tool_calls")]
+        return out + ([json.dumps(self.tools)] if self.tools else [])
 
 
 def expected_keys(fmt: str, cfg: DataConfig) -> str:
@@ -168,7 +171,5 @@ def _keys(raw: dict) -> str:
 
 
 def _short(v) -> str:
-    import json
-
     text = json.dumps(v, default=str)
     return f"{type(v).__name__} {text[:50]}{'...' if len(text) > 50 else ''}"
