@@ -186,3 +186,15 @@ def test_sentencepiece_tokenizer(tmp_path):
     pieces = tok._tokenizer.convert_ids_to_tokens(tokens)
     after = [i + 1 for i, p in enumerate(pieces[:-1]) if p == EOT]
     assert after and not any(mask[i] for i in after)  # the '▁' / newline after <|im_end|>
+
+
+def test_conversation_opening_with_assistant(tok):
+    msgs = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Item 1 is red."}]
+    tokens, mask = render(Record("t:1", "chat", messages=msgs), tok, "assistant")
+    eot = tok.convert_tokens_to_ids(EOT)
+    # Token 0 (<|im_start|>) is never a target, and the header is not supervised either.
+    assert supervised_runs(tokens, mask) == [enc(tok, "Hello.") + [eot], enc(tok, "Item 1 is red.") + [eot]]
+    calls_only = [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}] + msgs[1:]
+    with pytest.raises(DataError, match=r"t:1: the conversation opens with an assistant message without text"):
+        render(Record("t:1", "chat", messages=calls_only), tok, "assistant")

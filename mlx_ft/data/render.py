@@ -6,7 +6,8 @@ tokens[:i] counts). How the assistant spans are found, for any template:
 1. Render the whole conversation as text, once, and tokenize it with character offsets.
 2. For each assistant turn i that `train_on` selects, render the conversation up to turn i with
    the generation prompt (where the model starts writing) and up to and including turn i. Both
-   must be prefixes of the full text; their lengths are the turn's character span.
+   must be prefixes of the full text; their lengths are the turn's character span. (A turn
+   that opens the conversation has nothing before it to render: it starts where its text does.)
 3. A token is supervised when it starts inside a span. Tokens after the turn's last
    end-of-turn token (the `\\n` after ChatML's `<|im_end|>`) are scaffolding: unsupervised.
 
@@ -64,15 +65,23 @@ def _chat_spans(record: Record, tokenizer, train_on: str) -> tuple[str, list[tup
         turns = turns[-1:]
     spans = []
     for i in turns:
-        start = _apply_template(tokenizer, msgs[:i], tools, True, record.where) if i else ""
         end = full if i == len(msgs) - 1 else _apply_template(tokenizer, msgs[: i + 1], tools, False, record.where)
-        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+        if i > 0:
+            before = _apply_template(tokenizer, msgs[:i], tools, True, record.where)
+            start, ok = len(before), full.startswith(before)
+        else:  # nothing to render before it (templates refuse an empty list): the turn starts at its text
+            content = msgs[0].get("content") or ""
+            start, ok = end.find(content), bool(content) and content in end
+            if not ok:
+                raise DataError(f"{record.where}: the conversation opens with an assistant message without "
+                                "text, which cannot be located in the template; start with a user or system message")
+        if not (ok and full.startswith(end) and start <= len(end)):
             raise DataError(
                 f"{record.where}: the chat template renders the conversation before assistant message {i} "
                 "differently from the full conversation (it rewrites earlier turns, e.g. drops their "
                 "reasoning), so that turn's tokens cannot be located exactly; set data.train_on = 'last' "
                 "or use a template that renders history unchanged")
-        spans.append((len(start), len(end)))
+        spans.append((start, len(end)))
     return full, spans
 
 
