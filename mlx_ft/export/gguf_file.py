@@ -94,10 +94,28 @@ def check_supported(config: dict) -> Family:
     if mt == "phi3" and (config.get("rope_scaling") or {}).get("type", (config.get("rope_scaling") or {}).get("rope_type")) in ("longrope", "su"):
         raise ExportError("phi3 with LongRoPE scaling (the 128k models) is not supported yet; "
                           "export --to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
+    if mt in ("gemma2", "gemma3_text"):
+        _check_gemma_query_scale(text_config(config), mt)
     if config.get("num_local_experts") or config.get("num_experts"):
         raise ExportError(f"mixture-of-experts {mt} models are not supported for GGUF export yet; "
                           "export --to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
     return FAMILIES[mt]
+
+
+# llama.cpp scales Gemma queries by 1/sqrt(head_dim), except for the 27B models (recognised by
+# their layer count), where it uses 1/sqrt(hidden / heads); there is no GGUF key for it.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def _check_gemma_query_scale(c: dict, mt: str) -> None:
+    head_dim = c.get("head_dim", 256)
+    scalar = c.get("query_pre_attn_scalar", head_dim)
+    is_27b = c.get("num_hidden_layers") == GEMMA_27B_LAYERS[mt]
+    expected = c["hidden_size"] // c["num_attention_heads"] if is_27b else head_dim
+    if scalar != expected:
+        raise ExportError(f"{mt}: query_pre_attn_scalar = {scalar} but llama.cpp will scale queries by "
+                          f"1/sqrt({expected}) for this model, which would change its outputs; "
+                          "this configuration cannot be exported to GGUF")
 
 
 def text_config(config: dict) -> dict:
@@ -205,7 +223,8 @@ def _encode(name: str, arr: np.ndarray, gguf_type: str):
         return arr.astype(np.float16), None
     qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPE_NAMES[gguf_type])
     if gguf_type == "q4_0" and name in ("output.weight", "token_embd.weight"):
-        qtype = gguf.GGMLQuantizationType.Q8_0  # as llama-quantize, keep the vocab matrices at 8 bits
+        # 4-bit vocabulary matrices hurt most; llama-quantize likewise gives output.weight more bits.
+        qtype = gguf.GGMLQuantizationType.Q8_0
     try:
         return gguf.quants.quantize(arr, qtype), qtype
     except (gguf.quants.QuantError, ValueError):  # rows not a multiple of the block size

@@ -55,7 +55,7 @@ def load_adapted(path: str | Path, base_model: str | None = None) -> Adapted:
     try:
         load_adapters(model, str(adapter_dir))
     except ValueError as e:  # mlx-lm lists every tensor that is not in the model or has another shape
-        problems += [line.strip() for line in str(e).splitlines()[1:]]
+        problems += sorted(line.strip() for line in str(e).splitlines()[1:])
     except (KeyError, IndexError, AttributeError) as e:  # lora_parameters.keys naming no module, etc.
         problems.append(f"adapter_config.json does not describe this base: {type(e).__name__}: {e}")
     if config.get("fine_tune_type", "lora") != "full" and not problems:
