@@ -58,6 +58,11 @@ FAMILIES: dict[str, dict] = {
                "rope_local_base_freq": 10000.0, "hidden_activation": "gelu_pytorch_tanh",
                "sliding_window": 512, "sliding_window_pattern": 2, "tie_word_embeddings": True,
                "query_pre_attn_scalar": lambda c: c["head_dim"]},
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "rope_theta": 1000000.0,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "rope_theta": 1000000.0,
+                  "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "moe_intermediate_size": 64, "norm_topk_prob": True},
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
              "partial_rotary_factor": 1.0, "original_max_position_embeddings": 4096, "sliding_window": None,
              "hidden_act": "silu"},
@@ -183,7 +188,10 @@ def build_tiny_model(
         if config["tie_word_embeddings"]:
             weights.pop("lm_head.weight", None)  # some MLX classes build lm_head regardless
 
+        from .export.hf import hf_weights
+
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        weights = hf_weights(weights, config["model_type"])  # HF names (per-expert MoE tensors)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
         tok_config = json.loads((tmp / "tokenizer_config.json").read_text()) if tokenizer == "spm" else {}
         tok_config.update({

@@ -68,7 +68,8 @@ def test_fused_bf16_close_and_loads_in_transformers(root, llama_base):
     assert np.abs(got - ref).max() < 0.1
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                                    "mixtral", "qwen3_moe"])
 def test_fused_safetensors_load_in_transformers_every_family(root, family):
     import torch
     from transformers import AutoModelForCausalLM

@@ -18,7 +18,7 @@ F32 = 0  # GGML_TYPE_F32 for the KV cache
 
 # (family, tokenizer): every family once, both tokenizer kinds among them.
 CASES = [("llama", "bpe"), ("llama", "spm"), ("mistral", "spm"), ("qwen2", "bpe"), ("qwen3", "bpe"),
-         ("gemma2", "spm"), ("gemma3", "bpe"), ("phi3", "spm")]
+         ("gemma2", "spm"), ("gemma3", "bpe"), ("phi3", "spm"), ("mixtral", "spm"), ("qwen3_moe", "bpe")]
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,10 @@ def test_dora_refused_for_gguf_lora_but_fuses(root):
     ids = prompt_ids(tok)
     _, got = run_llama_cpp(fuse(adapter_dir, to="gguf", gguf_type="f32"), ids)
     assert nmse(got, mlx_logits(adapted, ids)) < 1e-6
+
+
+def test_moe_expert_adapters_refused_for_gguf_lora(root):
+    base = build_base(root, "mixtral", "spm")
+    adapter_dir, _ = make_adapter(root, base, seed=8)
+    with pytest.raises(ExportError, match="switch_mlp.gate_proj \\(LoRASwitchLinear\\).*Fuse instead"):
+        export_adapter(adapter_dir, to="gguf-lora")

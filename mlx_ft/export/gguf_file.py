@@ -66,6 +66,18 @@ def _phi3_hparams(w, c):
     w.add_sliding_window(c.get("sliding_window") or 0)
 
 
+def _moe_hparams(w, c):
+    w.add_expert_count(c.get("num_local_experts") or c["num_experts"])
+    w.add_expert_used_count(c["num_experts_per_tok"])
+    if c.get("moe_intermediate_size"):
+        w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+
+
+def _mixtral_hparams(w, c):
+    _llama_hparams(w, c)
+    _moe_hparams(w, c)
+
+
 # HF model_type -> how to write it. Mistral is written as arch "llama", as llama.cpp's converter does.
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", permute_qk=True, hparams=_llama_hparams),
@@ -75,7 +87,11 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("gemma2", norm_shift=1.0, hparams=_gemma2_hparams, key_length=True),
     "gemma3_text": Family("gemma3", norm_shift=1.0, hparams=_gemma3_hparams, key_length=True),
     "phi3": Family("phi3", hparams=_phi3_hparams),
+    "mixtral": Family("llama", permute_qk=True, hparams=_mixtral_hparams),
+    "qwen3_moe": Family("qwen3moe", hparams=_moe_hparams, key_length=True),
 }
+# mlx-lm's stacked experts, (n_experts, out, in) -> llama.cpp's *_exps tensors (ne: in, out, n_experts)
+SWITCH_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 GGUF_TYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -96,9 +112,14 @@ def check_supported(config: dict) -> Family:
                           "export --to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
     if mt in ("gemma2", "gemma3_text"):
         _check_gemma_query_scale(text_config(config), mt)
-    if config.get("num_local_experts") or config.get("num_experts"):
-        raise ExportError(f"mixture-of-experts {mt} models are not supported for GGUF export yet; "
-                          "export --to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
+    if mt not in ("mixtral", "qwen3_moe") and (config.get("num_local_experts") or config.get("num_experts")):
+        raise ExportError(f"mixture-of-experts {mt} models are not supported for GGUF export yet "
+                          "(mixtral and qwen3_moe are); export --to safetensors and convert with "
+                          "llama.cpp's convert_hf_to_gguf.py")
+    if mt == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1
+                              or not config.get("norm_topk_prob", True)):
+        raise ExportError("qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step) or "
+                          "norm_topk_prob = false is not supported for GGUF export")
     return FAMILIES[mt]
 
 
@@ -197,6 +218,9 @@ def _gguf_tensors(model, c: dict, fam: Family):
         if name.startswith(("vision_tower.", "multi_modal_projector.")):
             continue
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        moe = re.match(r"model\.layers\.(\d+)\..*switch_mlp\.(\w+)\.weight$", name)
+        if moe and moe.group(2) in SWITCH_TENSORS:
+            gname = f"blk.{moe.group(1)}.{SWITCH_TENSORS[moe.group(2)]}.weight"
         if gname is None:
             unmapped.append(name)
             continue
@@ -309,7 +333,8 @@ def write_lora_gguf(adapted, out: Path) -> Path:
         scales.add((float(m.scale), a.shape[0]))
     if refused:
         raise ExportError("llama.cpp LoRA GGUF supports adapters on linear layers only; cannot export: "
-                          + ", ".join(refused) + ". Fuse instead (`mlxft fuse RUN --to gguf`)")
+                          + ", ".join(refused) + ". Fuse instead (`mlxft fuse RUN --to gguf`), or train "
+                          "with adapter.targets that leave out the MoE experts")
     if not pairs:
         raise ExportError(f"{adapted.adapter_dir}: no LoRA layers found in the adapter")
     if len(scales) != 1:

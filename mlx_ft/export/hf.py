@@ -20,6 +20,33 @@ TORCH_DTYPE = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 MAX_SHARD_GB = 5
 
 
+# mlx-lm stacks MoE experts into one (n_experts, out, in) tensor per projection; HF keeps one
+# tensor per expert. model_type -> (MLX module, HF experts module, {MLX projection: HF name}).
+MOE_LAYOUTS = {
+    "mixtral": ("block_sparse_moe.switch_mlp", "block_sparse_moe.experts",
+                {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}),
+    "qwen3_moe": ("mlp.switch_mlp", "mlp.experts", {"gate_proj": "gate_proj", "up_proj": "up_proj",
+                                                    "down_proj": "down_proj"}),
+}
+
+
+def hf_weights(weights: dict, model_type: str) -> dict:
+    """MLX parameter names -> Hugging Face names (only MoE experts differ for supported models)."""
+    if model_type not in MOE_LAYOUTS:
+        return weights
+    mlx_mod, hf_mod, proj = MOE_LAYOUTS[model_type]
+    out = {}
+    for name, w in weights.items():
+        head, sep, leaf = name.partition(f".{mlx_mod}.")
+        if not sep:
+            out[name] = w
+            continue
+        p, suffix = leaf.split(".", 1)  # e.g. gate_proj, weight
+        for e in range(w.shape[0]):  # (n_experts, out, in) -> n_experts x (out, in)
+            out[f"{head}.{hf_mod}.{e}.{proj[p]}.{suffix}"] = w[e]
+    return out
+
+
 def model_bytes(model) -> int:
     from mlx.utils import tree_flatten
 
@@ -46,6 +73,8 @@ def write_hf_dir(model, base_dir: Path, out: Path, dtype: str, quantize: dict | 
     check_disk(out, model_bytes(model))
 
     weights = dict(tree_flatten(model.parameters()))
+    if not quantize:  # MLX-quantized output is for mlx-lm only, which wants its own names
+        weights = hf_weights(weights, config.get("model_type", ""))
     shards = make_shards(weights, max_file_size_gb=MAX_SHARD_GB)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
