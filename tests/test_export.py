@@ -137,7 +137,7 @@ def test_unknown_architecture_refused_with_supported_list(root, llama_base):
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**acfg, "base_model": str(odd)}))
     for call in (lambda: fuse(adapter_dir, to="gguf"), lambda: export_adapter(adapter_dir, to="gguf-lora")):
-        with pytest.raises(ExportError, match="starcoder2.*supported: gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
+        with pytest.raises(ExportError, match="starcoder2.*supported: gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
             call()
 
 
