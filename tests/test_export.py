@@ -210,3 +210,23 @@ def test_cli_fuse_and_export_adapter(root, llama_base):
     res = runner.invoke(main, ["export-adapter", str(adapter_dir.parent), "--to", "peft"])
     assert res.exit_code == 0, res.output
     assert (adapter_dir.parent / "export" / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_k_quant_runs_llama_quantize_from_an_f16_file(root, llama_base, monkeypatch):
+    """The plumbing around llama-quantize (not in CI): f16 input, type argument, atomic output."""
+    import gguf
+
+    bin_dir = root / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = root / "llama-quantize.args"
+    fake = bin_dir / "llama-quantize"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {log}\ncp \"$1\" \"$2\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    adapter_dir, _ = make_adapter(root, llama_base, seed=13)
+    out = fuse(adapter_dir, to="gguf", gguf_type="q4_k_m")
+    assert out.name == "model-q4_k_m.gguf" and (out.parent / "Modelfile").is_file()
+    src, dst, qtype = log.read_text().split()
+    assert qtype == "Q4_K_M" and src.endswith("model-f16.gguf")
+    assert gguf.GGUFReader(str(out)).fields["general.file_type"].parts[-1][0] == 1  # the f16 input, copied
+    assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "model-q4_k_m.gguf"]

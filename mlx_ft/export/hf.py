@@ -47,6 +47,25 @@ def hf_weights(weights: dict, model_type: str) -> dict:
     return out
 
 
+def _warn_on_renamed_tensors(base_dir: Path, names: set[str]) -> None:
+    """Warn when the written names are not the base checkpoint's (transformers would not find them)."""
+    import warnings
+
+    from safetensors import safe_open
+
+    files = sorted(base_dir.glob("*.safetensors"))
+    if not files or json.loads((base_dir / "config.json").read_text()).get("quantization"):
+        return  # nothing to compare with, or an MLX-quantized base whose names are MLX's anyway
+    base_names = set()
+    for f in files:
+        with safe_open(str(f), "np") as st:
+            base_names.update(k for k in st.keys() if not k.endswith("rotary_emb.inv_freq"))
+    missing = sorted(base_names - names)
+    if missing:
+        warnings.warn(f"{len(missing)} tensor name(s) of the base checkpoint are not in the export (e.g. "
+                      f"{', '.join(missing[:3])}); mlx-lm loads the export, transformers may not", stacklevel=3)
+
+
 def model_bytes(model) -> int:
     from mlx.utils import tree_flatten
 
@@ -78,6 +97,8 @@ def write_hf_dir(model, base_dir: Path, out: Path, dtype: str, quantize: dict | 
     shards = make_shards(weights, max_file_size_gb=MAX_SHARD_GB)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if not quantize:
+        _warn_on_renamed_tensors(base_dir, set(weights))
     with atomic_dir(out) as tmp:
         index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": {}}
         for name, shard in zip(names, shards):

@@ -88,7 +88,10 @@ def write_peft(adapted, out: Path) -> Path:
 def _readme(config: dict, adapted, layers: list[int]) -> str:
     q = adapted.config.get("quantize")
     note = (f"\nThe adapter was trained on a {q['bits']}-bit quantized base (QLoRA); here it is applied to "
-            "the float base, which is what `mlxft fuse` merges it into too.\n" if q else "")
+            "the float base.\n" if q else "")
+    if adapted.base_config.get("quantization"):
+        note += ("\nThe base recorded above is an MLX-quantized checkpoint, which transformers cannot load: "
+                 "load the adapter on the original float model it was quantized from.\n")
     return (f"# PEFT adapter exported by mlx_ft\n\nBase model: `{config['base_model_name_or_path']}`; "
             f"r = {config['r']}, lora_alpha = {config['lora_alpha']:g}, DoRA: {config['use_dora']}; "
             f"blocks {layers}.\n{note}\n```python\nfrom transformers import AutoModelForCausalLM\n"
