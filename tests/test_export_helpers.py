@@ -22,7 +22,21 @@ def build_base(root: Path, family: str, tokenizer: str = "bpe", tag: str = "", *
     out = root / f"{family}-{tokenizer}{tag}-base"
     if not out.exists():
         build_tiny_model(out, texts(), family=family, tokenizer=tokenizer, **kw)
+        randomize_norms(out / "model.safetensors")
     return out
+
+
+def randomize_norms(path: Path, seed: int = 0) -> None:
+    """Norm weights are initialised to one constant; random ones make a swapped or unshifted norm
+    (Gemma's 1 + w, q/k norms, pre/post feed-forward norms) visible in the logits."""
+    import mlx.core as mx
+
+    weights = mx.load(str(path))
+    mx.random.seed(seed)
+    for name, w in weights.items():
+        if name.endswith("norm.weight"):
+            weights[name] = w + 0.3 * mx.random.normal(w.shape)
+    mx.save_safetensors(str(path), weights, metadata={"format": "pt"})
 
 
 def make_adapter(root: Path, base_dir: Path, method: str = "lora", quantize: bool = False,
