@@ -105,7 +105,8 @@ def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool) -> Pa
 
     name = Path(str(adapted.config.get("base_model", "model"))).name + "-fused"
     if gguf_type in LLAMA_QUANTIZE_TYPES:
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".f16-", dir=out.parent) as tmp:  # the f16 input
             f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name)
             _run_llama_quantize(f16, out, gguf_type)
     else:
