@@ -218,6 +218,7 @@ def load_recipe(
     path = Path(path)
     data, prov = _read_with_extends(path, [])
     _apply_overrides(data, prov, overrides, str(path))
+    _settle_alternatives(data, prov)
     if not data.get("output", {}).get("dir"):
         data.setdefault("output", {})["dir"] = f"runs/{path.stem}"
         prov["output.dir"] = "default (runs/<recipe name>)"
@@ -296,6 +297,26 @@ def _merge(base: dict, top: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+# Keys that are alternatives to each other: when a later layer (--set over the file, the file
+# over what it extends) gives one of them, the other from an earlier layer is dropped.
+_ALTERNATIVES = [("training.epochs", "training.steps"), ("data.valid", "data.valid_fraction")]
+
+
+def _rank(origin: str) -> int:
+    return 3 if origin == "--set" else 2 if origin.startswith("file ") else 1
+
+
+def _settle_alternatives(data: dict, prov: dict) -> None:
+    for a, b in _ALTERNATIVES:
+        (ta, ka), (tb, kb) = a.split("."), b.split(".")
+        if ka in data.get(ta, {}) and kb in data.get(tb, {}):
+            ra, rb = _rank(prov.get(a, "")), _rank(prov.get(b, ""))
+            if ra != rb:  # the same layer giving both is a real conflict, reported by _check
+                loser, (t, k) = (a, (ta, ka)) if ra < rb else (b, (tb, kb))
+                del data[t][k]
+                prov[loser] = f"dropped ({a if loser == b else b} given by a later layer)"
 
 
 def _apply_overrides(data: dict, prov: dict, overrides, source: str) -> None:

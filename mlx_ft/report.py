@@ -7,6 +7,7 @@ rate at which the run learns from data, comparable across padding and packing ch
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class Reporter:
         self.rows: list[dict] = []
         self.bar = None
         self.report_every = 10
+        self.first_step = loop.step
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, recipe, n_trainable: int, n_total: int, stats: dict, resumed_from) -> None:
@@ -40,13 +42,15 @@ class Reporter:
             self.echo("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
         if resumed_from is not None:
             self.echo(f"resuming from {resumed_from} (step {self.loop.step}, epoch {self.loop.epoch})")
+        # A live bar on a terminal or in Jupyter; one plain line per report in logs and pipes.
+        self.live = self.progress and (sys.stderr.isatty() or _in_notebook())
         self.bar = tqdm(total=self.total, initial=self.loop.step, desc="train", unit="step",
-                        disable=not self.progress, dynamic_ncols=True)
+                        disable=not self.live, dynamic_ncols=True)
 
     def echo(self, msg: str) -> None:
         if not self.progress:
             return
-        if self.bar is not None:
+        if self.bar is not None and self.live:
             self.bar.write(msg)
         else:
             print(msg, flush=True)
@@ -95,6 +99,12 @@ class Reporter:
                 self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}",
                                      tok_s=f"{row['tokens_per_sec']:.0f}", tok=self.loop.trained_tokens,
                                      peak=f"{peak / 2**20:.0f}MB")
+            if self.progress and not self.live:
+                per_step = (self.loop.elapsed - self.base_elapsed) / max(self.loop.step - self.first_step, 1)
+                eta = (self.total - self.loop.step) * per_step
+                print(f"step {self.loop.step}/{self.total}  loss {row['loss']:.4f}  lr {lr:.2e}  "
+                      f"tok/s {row['tokens_per_sec']:.0f}  trained {self.loop.trained_tokens:,}  "
+                      f"peak {peak / 2**20:.0f} MB  eta {_duration(eta)}", flush=True)
             for cb in self.callbacks:
                 cb.on_train_report(row)
             self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": now}
@@ -162,6 +172,15 @@ class Reporter:
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return out
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _duration(sec: float) -> str:

@@ -55,6 +55,8 @@ class TrainResult:
     adapter_dir: Path
     summary: dict
     losses: list[float] = field(default_factory=list)  # train loss of every optimizer step
+    model: object = field(default=None, repr=False)  # the trained model, adapters applied
+    tokenizer: object = field(default=None, repr=False)
 
     def __repr__(self):
         s = self.summary
@@ -200,13 +202,10 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         return norm
 
     def as_arrays(batch):
-        # Round lengths up to a multiple of 32 so the compiled step sees few distinct shapes.
-        pad = -batch.tokens.shape[1] % 32 if not d.pack else 0
-        tok = np.pad(batch.tokens, ((0, 0), (0, pad)))
-        msk = np.pad(batch.mask, ((0, 0), (0, pad)))
-        args = [mx.array(tok), mx.array(msk)]
+        # collate pads rows to a multiple of 8, which keeps the compiled step's shapes few.
+        args = [mx.array(batch.tokens), mx.array(batch.mask)]
         if batch.segments is not None:
-            args.append(mx.array(np.pad(batch.segments, ((0, 0), (0, pad)), constant_values=-1)))
+            args.append(mx.array(batch.segments))
         return args
 
     def evaluate() -> float | None:
@@ -302,7 +301,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     adapter_dir = models.save_adapter(model, run / "adapters", adapter_cfg, base_ref, recipe.model)
     summary = reporter.finish(adapter_dir, n_trainable, n_total, splits.stats,
                               peak_memory=mx.get_peak_memory())
-    result = TrainResult(run, adapter_dir, summary, step_losses)
+    result = TrainResult(run, adapter_dir, summary, step_losses, model, tokenizer)
     if recipe.export.to:
         from .export import run_exports
 
