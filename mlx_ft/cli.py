@@ -207,3 +207,95 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
 
     path = export(run_or_adapter_dir, to=to, out=out, overwrite=overwrite, with_base=with_base)
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("recipe", required=False, type=click.Path(path_type=Path))
+@click.option("--machine", default="auto", show_default=True,
+              help="Machine profile (`mlxft machines` lists them) or `auto` for this one.")
+@click.option("--model", help="Plan without a recipe: hub id, local dir or bundled model name.")
+@click.option("--method", type=click.Choice(["lora", "qlora", "dora", "qdora", "full"]), default="lora",
+              show_default=True, help="Without a recipe: what is trained (qlora = lora on a 4-bit base).")
+@click.option("--rank", type=int, default=16, show_default=True, help="Without a recipe: LoRA rank.")
+@click.option("--layers", default="all", show_default=True, help="Without a recipe: adapted blocks (last N) or all.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Without a recipe: rows per micro-batch.")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Without a recipe: tokens per row.")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, help="Without a recipe: recompute blocks.")
+@click.option("--pack/--no-pack", default=False, help="Without a recipe: packed rows.")
+@click.option("--tokens", type=int, help="Training tokens per epoch, for the time estimate (default: count the dataset).")
+@click.option("--budget-gb", type=float, help="Override the machine's GPU budget (GiB), e.g. after raising iogpu.wired_limit_mb.")
+@click.option("--probe", is_flag=True, help="Run 2 real steps at a short length here and calibrate the estimate.")
+@click.option("--probe-seq-len", type=int, help="Row length of the probe [default: min(256, max_seq_len)].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--list-models", is_flag=True, help="List the bundled model configs and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@user_errors
+def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
+         tokens, budget_gb, probe, probe_seq_len, overrides, list_models, as_json):
+    """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
+
+    \b
+    Examples:
+      mlxft plan recipes/demo.toml --machine m4-max-128
+      mlxft plan --model Qwen/Qwen2.5-32B --method qlora --batch-size 2 --machine m4-max-64 --json
+    """
+    import json
+
+    from .errors import PlanError
+    from .planner import Settings, plan as plan_recipe, plan_model
+    from .planner.configs import bundled_names
+
+    if list_models:
+        click.echo("\n".join(bundled_names()))
+        return
+    if recipe is None and model is None:
+        raise PlanError("give a RECIPE, or --model ID with --method/--rank/--batch-size/--max-seq-len; "
+                        "e.g. mlxft plan --model Qwen/Qwen2.5-7B --method qlora")
+    if recipe is not None:
+        from .recipe import load_recipe
+
+        rec = load_recipe(recipe, list(overrides))
+        p = plan_recipe(rec, machine=machine, tokens=tokens, budget_gb=budget_gb)
+        if probe:
+            from .planner.probe import probe_plan
+
+            p = probe_plan(p, rec, probe_seq_len)
+    else:
+        if probe:
+            raise PlanError("--probe needs a RECIPE (it trains 2 real steps on the recipe's model)")
+        if layers != "all" and not layers.isdigit():
+            raise PlanError(f"--layers: expected a number of blocks or 'all', found {layers!r}")
+        st = Settings(method=method.removeprefix("q"), quant_bits=4 if method.startswith("q") else None,
+                      rank=rank, layers=None if layers == "all" else int(layers), batch_size=batch_size,
+                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
+        p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
+                       "no token count; pass --tokens N", budget_gb=budget_gb)
+    click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+@user_errors
+def machines(as_json):
+    """List the Apple Silicon machine profiles `mlxft plan --machine` knows, with their GPU budgets.
+
+    \b
+    Example:
+      mlxft machines
+      mlxft plan recipes/demo.toml --machine m3-ultra-256
+    """
+    import json
+    from dataclasses import asdict
+
+    from .planner import list_machines
+
+    ms = list_machines()
+    if as_json:
+        click.echo(json.dumps([asdict(m) for m in ms], indent=2))
+        return
+    click.echo(f"{'name':<16} {'chip':<10} {'memory':>7} {'GPU budget':>11} {'GB/s':>6} {'TFLOPS':>7}")
+    for m in ms:
+        click.echo(f"{m.name:<16} {m.chip:<10} {m.memory_bytes / 2**30:>4.0f} GB {m.budget_bytes / 2**30:>7.1f} GiB "
+                   f"{m.bandwidth_gbs:>6.0f} {m.fp32_tflops:>7.1f}")
+    click.echo("\nBudget: the macOS 26 default GPU working set (82-84% of RAM); `--machine auto` on a Mac reads the "
+               "real value. Raise it with `sudo sysctl iogpu.wired_limit_mb=N` (until reboot).")

@@ -1,0 +1,207 @@
+"""Planner accuracy: predicted peak memory vs mx.get_peak_memory() of a real `mlx_ft.train.train`.
+
+Every configuration trains 2 steps of a tiny or small model (built offline with mlx_ft.tiny) in
+its own process, on rows that fill max_seq_len (the planner's worst case), and compares
+`summary["peak_memory_bytes"]` with `mlx_ft.planner.estimate`. The grid varies method, rank,
+batch size, max_seq_len, packing, grad checkpointing, vocabulary size, dtype and architecture;
+the configurations marked `calib` are the ones the framework constants in
+mlx_ft/planner/memory.py were read from, all others are held out.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 HF_HUB_OFFLINE=1 \
+        python benchmarks/planner_accuracy.py [--only 3,7] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    # name -> build_tiny_model kwargs (+ dtype the weights are stored in)
+    "llama-256-f32": dict(family="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                          intermediate_size=512, dtype="float32"),
+    "llama-256-bf16-v8k": dict(family="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                               intermediate_size=512, dtype="bfloat16", extra_config={"vocab_size": 8192}),
+    "llama-256-f32-v8k": dict(family="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                              intermediate_size=512, dtype="float32", extra_config={"vocab_size": 8192}),
+    "llama-384-f32": dict(family="llama", hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
+                          intermediate_size=1536, dtype="float32", extra_config={"vocab_size": 2048}),
+    "llama-384-bf16": dict(family="llama", hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
+                           intermediate_size=1536, dtype="bfloat16", extra_config={"vocab_size": 2048}),
+    # Packing rows use float32 models: mlx_ft.losses.check_architecture refuses packing on bf16 ones.
+    "qwen2-320-f32": dict(family="qwen2", hidden_size=320, num_layers=3, num_heads=5, num_kv_heads=1,
+                          intermediate_size=896, dtype="float32", extra_config={"vocab_size": 3000}),
+    "qwen2-384-bf16-tied": dict(family="qwen2", hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
+                                intermediate_size=1024, dtype="bfloat16", tie_word_embeddings=True,
+                                extra_config={"vocab_size": 4096}),
+    "llama-512-bf16-mha-v16k": dict(family="llama", hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=8,
+                                    intermediate_size=1376, dtype="bfloat16", extra_config={"vocab_size": 16384}),
+    "llama-128-f32-8l": dict(family="llama", hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=1,
+                             intermediate_size=384, dtype="float32", extra_config={"vocab_size": 2048}),
+    "qwen2-768-bf16-v32k": dict(family="qwen2", hidden_size=768, num_layers=4, num_heads=12, num_kv_heads=4,
+                                intermediate_size=2048, dtype="bfloat16", extra_config={"vocab_size": 32000}),
+}
+
+# (model, settings); settings keys: method rank layers quant B L pack ckpt chunk calib
+GRID = [
+    ("llama-256-f32", dict(L=256, layers=2, calib=True)),
+    ("llama-256-f32", dict(L=512, layers=4, calib=True)),
+    ("llama-256-f32", dict(L=512, layers=4, ckpt=True, calib=True)),
+    ("llama-256-f32", dict(L=512, layers=2, ckpt=True, calib=True)),
+    ("llama-256-f32", dict(L=512, layers=4, method="full", calib=True)),
+    ("llama-256-bf16-v8k", dict(L=512, layers=2, calib=True)),
+    ("llama-256-bf16-v8k", dict(L=512, layers=2, chunk=128, calib=True)),
+    ("llama-256-bf16-v8k", dict(L=256, layers=4, calib=True)),
+    ("llama-256-bf16-v8k", dict(L=512, layers=2, ckpt=True, calib=True)),
+    ("llama-256-bf16-v8k", dict(L=512, layers=4, ckpt=True, calib=True)),
+    ("llama-256-f32-v8k", dict(L=512, layers=2, calib=True)),
+    ("llama-384-f32", dict(L=512, layers=2, ckpt=True, calib=True)),
+    ("llama-384-f32", dict(L=512, layers=6, ckpt=True, calib=True)),
+    ("llama-384-bf16", dict(L=512, layers=2, ckpt=True, calib=True)),
+    ("llama-384-bf16", dict(L=512, layers=6, ckpt=True, calib=True)),
+    # held out from here on
+    ("llama-256-f32", dict(L=384, B=2, layers=3, rank=32)),
+    ("llama-256-f32", dict(L=512, method="dora")),
+    ("llama-256-f32", dict(L=256, quant=4, B=3)),
+    ("qwen2-320-f32", dict(L=512, pack=True, B=2)),
+    # Row 19 found that full fine-tuning upcasts a bf16 base (memory.FULL_FT_UPCASTS): now calibration.
+    ("llama-256-bf16-v8k", dict(L=384, method="full", layers=2, calib=True)),
+    ("qwen2-384-bf16-tied", dict(L=256, B=2)),
+    ("qwen2-384-bf16-tied", dict(L=512, ckpt=True, quant=4)),
+    ("qwen2-384-bf16-tied", dict(L=512, method="dora", layers=3, rank=4)),
+    ("qwen2-320-f32", dict(L=640, pack=True, chunk=256, layers=2)),
+    ("llama-512-bf16-mha-v16k", dict(L=256, quant=4)),
+    ("llama-512-bf16-mha-v16k", dict(L=512, layers=2, rank=64, chunk=0)),
+    ("llama-512-bf16-mha-v16k", dict(L=512, B=2, ckpt=True, chunk=128)),
+    ("llama-128-f32-8l", dict(L=1024, layers=4)),
+    ("llama-128-f32-8l", dict(L=1024, ckpt=True, B=2)),
+    ("llama-128-f32-8l", dict(L=768, method="full", pack=True)),
+    ("qwen2-768-bf16-v32k", dict(L=512, layers=2, quant=4)),
+    ("qwen2-768-bf16-v32k", dict(L=384, B=2, ckpt=True, chunk=128)),
+]
+QUICK = [16, 18, 21, 24, 27, 29]
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
+         "jolly bankers who mix apples and pears under grey skies").split()
+
+
+def build_model(name: str, cache: Path) -> Path:
+    """The tiny model `name`, stored in its dtype (real checkpoints are bf16), built once."""
+    import mlx.core as mx
+
+    from mlx_ft.tiny import build_tiny_model
+
+    out = cache / name
+    if (out / "config.json").is_file():
+        return out
+    kw = dict(MODELS[name])
+    dtype = kw.pop("dtype")
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(50)]
+    build_tiny_model(out, texts, vocab_size=400, **kw)
+    if dtype != "float32":
+        w = {k: v.astype(getattr(mx, dtype)) for k, v in mx.load(str(out / "model.safetensors")).items()}
+        mx.save_safetensors(str(out / "model.safetensors"), w, metadata={"format": "pt"})
+        cfg = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}, indent=2))
+    return out
+
+
+def recipe_for(model_dir: Path, s: dict, work: Path):
+    """A recipe whose every row is max_seq_len tokens (long texts, truncated), trained 2 steps."""
+    from mlx_ft.recipe import recipe_from_dict
+
+    B, L = s.get("B", 1), s["L"]
+    rng = random.Random(1)
+    data = work / "train.jsonl"
+    with data.open("w") as f:
+        for _ in range(B * 2):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(L * 2))}) + "\n")
+    doc = {
+        "model": {"path": str(model_dir)},
+        "adapter": {"method": s.get("method", "lora"), "rank": s.get("rank", 8), "layers": s.get("layers", "all")},
+        "data": {"train": str(data), "max_seq_len": L, "pack": s.get("pack", False), "train_on": "all", "shuffle": False},
+        "training": {"batch_size": B, "steps": 2, "grad_checkpointing": s.get("ckpt", False),
+                     "loss_chunk_size": s.get("chunk", 512), "report_every": 1, "learning_rate": 1e-5},
+        "output": {"dir": str(work / "run")},
+    }
+    if s.get("quant"):
+        doc["model"]["quantize"] = {"bits": s["quant"], "group_size": 64}
+    return recipe_from_dict(doc)
+
+
+def measure_one(model: str, s: dict, cache: Path) -> dict:
+    """Train 2 steps in this process; returns the measured and the predicted peak."""
+    from mlx_ft.planner import settings_from_recipe, estimate
+    from mlx_ft.planner.configs import load_shape
+    from mlx_ft.train import train
+
+    model_dir = build_model(model, cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = recipe_for(model_dir, s, Path(tmp))
+        t0 = time.time()
+        result = train(recipe, overwrite=True, progress=False)
+        measured = int(result.summary["peak_memory_bytes"])
+        secs = time.time() - t0
+    est = estimate(load_shape(str(model_dir)), settings_from_recipe(recipe))
+    return {"measured": measured, "predicted": est.peak_bytes, "seconds": round(secs, 1),
+            "breakdown": est.breakdown}
+
+
+def label(s: dict) -> str:
+    parts = [s.get("method", "lora") + (f"/q{s['quant']}" if s.get("quant") else ""), f"r{s.get('rank', 8)}",
+             f"B{s.get('B', 1)}", f"L{s['L']}", f"layers={s.get('layers', 'all')}"]
+    parts += ["pack"] * bool(s.get("pack")) + ["ckpt"] * bool(s.get("ckpt"))
+    parts += [f"chunk={s['chunk']}"] if "chunk" in s else []
+    return " ".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated grid indices")
+    ap.add_argument("--quick", action="store_true", help=f"only the held-out rows {QUICK}")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "mlx_ft_planner_bench"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
+    ap.add_argument("--json", help="also write the rows to this file")
+    a = ap.parse_args()
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    if a.one is not None:
+        model, s = GRID[int(a.one)]
+        print("RESULT " + json.dumps(measure_one(model, s, cache)), flush=True)
+        return 0
+    idx = [int(i) for i in a.only.split(",")] if a.only else QUICK if a.quick else range(len(GRID))
+    rows, worst, worst_held = [], 0.0, 0.0
+    print(f"{'#':>2} {'model':24} {'settings':48} {'measured MB':>11} {'predicted MB':>12} {'error':>7}")
+    for i in idx:
+        model, s = GRID[i]
+        out = subprocess.run([sys.executable, __file__, "--one", str(i), "--cache", str(cache)],
+                             capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{i:>2} {model:24} {label(s):48} FAILED\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(line[7:])
+        err = r["predicted"] / r["measured"] - 1
+        worst = max(worst, abs(err))
+        if not s.get("calib"):
+            worst_held = max(worst_held, abs(err))
+        tag = " (calib)" if s.get("calib") else ""
+        print(f"{i:>2} {model:24} {label(s):48} {r['measured'] / 2**20:11.1f} {r['predicted'] / 2**20:12.1f} "
+              f"{err * 100:+6.1f}%{tag}", flush=True)
+        rows.append({"index": i, "model": model, "settings": s, **r, "error": err})
+    print(f"worst error: {worst * 100:.1f}% (held-out rows: {worst_held * 100:.1f}%) over {len(rows)} configurations")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0 if worst <= 0.10 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The analytic memory model: what MLX holds at the peak of one training step.
+
+Each term follows a mechanism of the training step (see docs/planner.md for the derivation):
+weights (+ quantization scales and biases), adapter parameters, their gradients and optimizer
+state, the activations autodiff saves for the backward pass, the attention score matrices (MLX
+never uses fused attention when differentiating, so each adapted block keeps a B x heads x L x L
+matrix), the working set of the backward pass through one block, and the chunked cross-entropy.
+
+Only a few constants are calibrated, all of them properties of MLX's scheduler rather than of a
+model; each says where its value comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .configs import ModelShape
+
+GIB = 2**30
+
+# --- Calibrated framework constants (measured on MLX 0.32 CPU backend; benchmarks/planner_accuracy.py)
+BACKWARD_ACT_FACTOR = 1.6
+"""The backward pass through one block holds about this many blocks' worth of saved-activation
+bytes at once (the block's cotangents plus its saved tensors being consumed)."""
+BACKWARD_SCORE_FACTOR = 2.25
+"""... and this many extra score-sized matrices (the softmax vjp of that block's attention)."""
+LOGITS_FULL_BYTES = {4: 12.5, 2: 19.0}
+"""Bytes per (row x position x vocab entry) of the loss computed in one piece (loss_chunk_size 0
+or >= the row), by model dtype bytes: the head output, its float32 copy, the softmax and its
+gradient overlap."""
+LOGITS_CHUNK_BYTES = {4: 10.0, 2: 14.4}
+"""Bytes per (row x chunk position x vocab entry) of the chunked, checkpointed cross-entropy."""
+LOGITS_SEQ_BYTES = {4: 5.2, 2: 10.0}
+"""Bytes per (row x position x vocab entry) that do not shrink with chunking: MLX's scheduler
+evaluates several chunks' recomputed logits before their consumers."""
+MLX_LM_LOGITS_COPIES = 4
+"""mlx-lm's default_loss holds about 4 model-dtype copies of the B x L x V logits (planner-facts §3.6:
+8.0 bytes per entry measured for a float16 model)."""
+CKPT_SAVED_HIDDEN = 16.0
+"""Gradient checkpointing keeps this many bytes per hidden unit per token per block, whatever the
+model dtype: four float32 hidden-size tensors (measured 15.9-17.3 on float32 and bfloat16 models)."""
+CKPT_RECOMPUTE_BLOCKS = 1.0
+"""Blocks whose activations are alive at once while the backward pass recomputes them."""
+PHASE_OVERLAP = 0.7
+"""Share of the smaller of the loss and block-backward working sets alive at the larger's peak
+(MLX's scheduler starts some of the top block's backward work before the loss buffers are freed)."""
+FULL_FT_UPCASTS = True
+"""mlx_ft.train divides gradients by a float32 token count, which makes AdamW write float32
+weights back into the trained blocks of a bf16 base from step 2 on (measured: row 19 of the
+accuracy grid). Set False once the division keeps the gradient dtype."""
+HEADROOM_FIXED = 1 * GIB
+"""Outside mx.get_peak_memory(): Python, Metal command buffers, the allocator cache [est]."""
+HEADROOM_FRACTION = 0.05
+"""... plus this share of the peak for fragmentation and the free-buffer cache [est]."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The training choices that decide memory (from a recipe or from `mlxft plan` options)."""
+
+    method: str = "lora"  # lora | dora | full
+    quant_bits: int | None = None
+    quant_group: int = 64
+    rank: int = 16
+    layers: int | None = None  # adapted blocks, the last N; None = all
+    targets: tuple[str, ...] = ("all-linear",)
+    batch_size: int = 4
+    seq_len: int = 2048
+    pack: bool = False
+    grad_checkpointing: bool = False
+    loss_chunk: int = 512
+    optimizer: str = "adamw"
+    grad_accum: int = 1
+    loss_impl: str = "mlx_ft"
+    """`mlx_ft` (chunked float32 cross-entropy) or `mlx_lm` (mlx-lm's default_loss on full logits in
+    the model dtype), for comparing with published mlx-lm runs."""
+
+
+@dataclass
+class Estimate:
+    breakdown: dict[str, int]
+    """Term -> bytes, in display order; sums to `peak_bytes` (headroom is separate)."""
+    peak_bytes: int
+    """Predicted mx.get_peak_memory() during training."""
+    headroom_bytes: int
+    trainable_params: int
+    total_params: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def required_bytes(self) -> int:
+        return self.peak_bytes + self.headroom_bytes
+
+
+def adapted_modules(shape: ModelShape, st: Settings) -> dict[str, tuple[int, int]]:
+    lin = shape.linears()
+    if st.method == "full" or "all-linear" in st.targets:
+        return lin
+    return {k: v for k, v in lin.items() if any(k == t or k.endswith("." + t) for t in st.targets)}
+
+
+def n_adapted(shape: ModelShape, st: Settings) -> int:
+    return shape.layers if st.layers is None else min(st.layers, shape.layers)
+
+
+def weight_bytes(shape: ModelShape, st: Settings) -> tuple[int, int]:
+    """(weights, quantization scales+biases) in bytes, as mlx-lm stores them."""
+    s = shape.dtype_bytes
+    bits = st.quant_bits or shape.quantized_bits
+    group = st.quant_group if st.quant_bits else (shape.quantized_group_size or 64)
+    lin = shape.linears()
+    small = shape.layers * shape.block_small_params() + shape.hidden
+    embeds = [(shape.hidden, shape.vocab)] * (1 if shape.tied else 2)  # (last dim, rows)
+    mats = [(i, o) for i, o in lin.values()] * shape.layers + embeds
+    if not bits:
+        return (sum(i * o for i, o in mats) + small) * s, 0
+    # mlx-lm quantizes every Linear/Embedding whose last dim divides by the group size.
+    q = sum(i * o for i, o in mats if i % group == 0)
+    dense = sum(i * o for i, o in mats if i % group != 0) + small
+    return int(q * bits / 8 + dense * s), int(q / group * 2 * s)
+
+
+# Which tensor feeds each linear: q/k/v share the first norm's output, gate/up the second's.
+_INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
+
+
+def activation_bytes_per_token(shape: ModelShape, st: Settings) -> tuple[int, int]:
+    """(base, adapter extra) bytes one adapted block saves for the backward pass, per token.
+
+    Base, in the model dtype: block input, both norm outputs, q, k, v, attention output, the
+    residual, and gate, up, silu(gate), sigmoid(gate), silu*up of the MLP.
+    Adapter extra: LoRA's A and B are float32, so `x @ A` promotes each distinct adapter input to
+    float32 and keeps it (mx.compile merges the copies q/k/v and gate/up share), plus every x @ A
+    (rank wide); DoRA also keeps each adapted output before the magnitude scaling.
+    """
+    H, I, s = shape.hidden, shape.intermediate, shape.dtype_bytes
+    base = s * (4 * H + 2 * shape.d_q + 2 * shape.d_kv + 5 * I)
+    if st.method == "full":
+        return base, 0
+    mods = adapted_modules(shape, st)
+    extra = 4 * st.rank * len(mods)
+    if s != 4:
+        inputs = {_INPUT_OF[m.rsplit(".", 1)[-1]]: dims[0] for m, dims in mods.items()}
+        extra += 4 * sum(inputs.values())
+    if st.method == "dora":
+        extra += s * sum(o for _, o in mods.values())
+    return base, extra
+
+
+def estimate(shape: ModelShape, st: Settings) -> Estimate:
+    """Predict the peak of mx.get_peak_memory() over a training step with these settings."""
+    B, L, V = st.batch_size, st.seq_len, shape.vocab
+    n_t = n_adapted(shape, st)
+    mods = adapted_modules(shape, st)
+    notes: list[str] = []
+
+    weights, quant = weight_bytes(shape, st)
+    sk = 4 if shape.dtype_bytes >= 4 else 2  # the loss follows the head's (base) dtype
+    if st.method == "full" and FULL_FT_UPCASTS and shape.dtype_bytes < 4:
+        # The trained blocks become float32 after the first update, and with them everything
+        # downstream of them: their activations, scores, gradients and AdamW state.
+        weights += n_t * shape.block_params() * (4 - shape.dtype_bytes)
+        shape = dataclasses.replace(shape, dtype="float32")
+        notes.append("full fine-tuning: mlx_ft.train turns the trained blocks of a 16-bit base into float32 "
+                     "after the first step (gradients are divided by a float32 token count)")
+    s = shape.dtype_bytes
+    if st.method == "full":
+        trainable = n_t * shape.block_params()
+        p_bytes = s  # full fine-tuning trains the weights in their own dtype
+        adapters = 0
+    else:
+        trainable = n_t * sum(st.rank * (i + o) for i, o in mods.values())
+        if st.method == "dora":
+            trainable += n_t * sum(o for _, o in mods.values())
+        p_bytes = 4  # mlx-lm creates LoRA A/B (and DoRA m) in float32
+        adapters = trainable * 4
+    grads = trainable * p_bytes * (2 if st.grad_accum > 1 else 1)
+    opt_states = {"adamw": 2, "adam": 2, "sgd": 0, "adafactor": 0}[st.optimizer]
+    optimizer = trainable * p_bytes * opt_states
+    if st.optimizer == "adafactor":  # factored second moment: a row and a column vector per matrix
+        optimizer = n_t * sum(i + o for i, o in mods.values()) * p_bytes
+
+    base_tok, extra_tok = activation_bytes_per_token(shape, st)
+    per_block = B * L * (base_tok + extra_tok)
+    scores = B * shape.heads * L * L * s
+    causal_mask = 0 if st.pack else L * L  # the bool mask the unfused attention builds per block
+    pack_mask = B * L * L if st.pack else 0  # the explicit [B,1,L,L] mask is one input tensor
+    backward = BACKWARD_ACT_FACTOR * B * L * base_tok + BACKWARD_SCORE_FACTOR * scores
+    if st.grad_checkpointing:
+        # Only block inputs stay; the backward pass recomputes one block (activations + scores).
+        saved = n_t * B * L * shape.hidden * CKPT_SAVED_HIDDEN + CKPT_RECOMPUTE_BLOCKS * per_block
+        attention = scores + causal_mask + pack_mask
+        block_phase = CKPT_RECOMPUTE_BLOCKS * per_block + scores + causal_mask + backward
+    else:
+        saved = n_t * per_block
+        attention = n_t * (scores + causal_mask) + pack_mask
+        block_phase = backward
+    qdora = 0
+    if st.method == "dora" and (st.quant_bits or shape.quantized_bits):
+        qdora = n_t * sum(i * o for i, o in mods.values()) * s
+        notes.append("QDoRA keeps a dequantized copy of every DoRA layer's weight for the backward pass")
+    if st.loss_impl == "mlx_lm":
+        logits = B * V * L * MLX_LM_LOGITS_COPIES * sk
+    elif st.loss_chunk and st.loss_chunk < L:
+        logits = B * V * (LOGITS_CHUNK_BYTES[sk] * st.loss_chunk + LOGITS_SEQ_BYTES[sk] * L)
+    else:
+        logits = B * V * L * LOGITS_FULL_BYTES[sk]
+    # The loss runs before the backward pass through the blocks; only part of the smaller of the
+    # two working sets is alive at the larger one's peak.
+    overlap = -(1 - PHASE_OVERLAP) * min(logits, block_phase)
+
+    breakdown = {
+        "weights": weights,
+        "quantization overhead": quant,
+        "adapters": adapters,
+        "gradients": grads,
+        "optimizer state": optimizer,
+        "activations": int(saved + qdora),
+        "attention scores": int(attention),
+        "backward working set": int(backward),
+        "logits and loss": int(logits),
+        "loss/backward overlap": int(overlap),
+    }
+    peak = sum(breakdown.values())
+    headroom = int(HEADROOM_FIXED + HEADROOM_FRACTION * peak)
+    return Estimate(breakdown={k: int(v) for k, v in breakdown.items()}, peak_bytes=int(peak),
+                    headroom_bytes=headroom, trainable_params=int(trainable),
+                    total_params=shape.total_params(), notes=notes)

@@ -1,0 +1,290 @@
+"""Put it together: recipe -> model shape + settings -> estimate vs machine budget -> advice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..errors import PlanError
+from .configs import ModelShape, load_shape
+from .machines import Machine, get_machine
+from .memory import Estimate, Settings, estimate
+
+
+def settings_from_recipe(recipe) -> Settings:
+    """The memory-relevant choices of a Recipe, at the worst-case row length."""
+    a, d, t, q = recipe.adapter, recipe.data, recipe.training, recipe.model.quantize
+    # train.py pads unpacked rows to a multiple of 32, then feeds tokens[:, :-1]
+    L = d.max_seq_len if d.pack else -(-d.max_seq_len // 32) * 32
+    return Settings(
+        method=a.method, quant_bits=q.bits if q else None, quant_group=q.group_size if q else 64,
+        rank=a.rank, layers=None if a.layers == "all" else int(a.layers),
+        targets=(a.targets,) if isinstance(a.targets, str) else tuple(a.targets),
+        batch_size=t.batch_size, seq_len=L - 1, pack=d.pack, grad_checkpointing=t.grad_checkpointing,
+        loss_chunk=t.loss_chunk_size, optimizer=t.optimizer, grad_accum=t.grad_accum)
+
+
+@dataclass
+class Plan:
+    """The planner's answer: breakdown, verdict against the budget, advice, and time per epoch."""
+
+    shape: ModelShape
+    settings: Settings
+    machine: Machine
+    estimate: Estimate
+    suggestions: list[dict] = field(default_factory=list)
+    tokens_per_epoch: int | None = None
+    tokens_source: str = ""
+    seconds_per_epoch: float | None = None
+    flops_per_token: float = 0.0
+    tflops: float | None = None
+    calibration: dict | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """What must fit the budget: MLX's predicted peak plus framework headroom."""
+        return self.estimate.required_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.machine.budget_bytes
+
+    @property
+    def margin_bytes(self) -> int:
+        return self.machine.budget_bytes - self.peak_bytes
+
+    def breakdown(self) -> dict[str, int]:
+        return {**self.estimate.breakdown, "framework headroom": self.estimate.headroom_bytes}
+
+    def to_dict(self) -> dict:
+        st = self.settings
+        return {
+            "model": self.shape.name, "model_config_source": self.shape.source,
+            "machine": self.machine.name, "chip": self.machine.chip,
+            "memory_bytes": self.machine.memory_bytes,
+            "budget_bytes": self.machine.budget_bytes, "budget_source": self.machine.budget_source,
+            "peak_bytes": self.peak_bytes, "mlx_peak_bytes": self.estimate.peak_bytes,
+            "fits": self.fits, "margin_bytes": self.margin_bytes,
+            "breakdown": self.breakdown(),
+            "trainable_params": self.estimate.trainable_params, "total_params": self.estimate.total_params,
+            "settings": {**st.__dict__, "targets": list(st.targets)},
+            "suggestions": self.suggestions,
+            "tokens_per_epoch": self.tokens_per_epoch, "tokens_source": self.tokens_source,
+            "flops_per_token": self.flops_per_token, "tflops": self.tflops,
+            "efficiency": EFFICIENCY,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "notes": self.estimate.notes,
+            "calibration": self.calibration,
+        }
+
+    def render(self) -> str:
+        return render(self)
+
+
+def plan_model(model: str, settings: Settings, machine: str | Machine = "auto", tokens: int | None = None,
+               tokens_source: str = "", revision: str | None = None, budget_gb: float | None = None) -> Plan:
+    """Plan a run of `model` (hub id, local dir or bundled name) with these settings.
+
+    Raises:
+        PlanError: unknown machine, config not found offline, impossible settings.
+    """
+    shape = load_shape(model, revision)
+    mach = machine if isinstance(machine, Machine) else get_machine(machine, budget_gb)
+    check_settings(shape, settings)
+    return _finish(shape, settings, mach, tokens, tokens_source)
+
+
+def plan(recipe, machine: str | Machine = "auto", tokens: int | None = None, budget_gb: float | None = None) -> Plan:
+    """Plan the run a recipe (path or Recipe) describes; counts the dataset's tokens when it can.
+
+    Raises:
+        RecipeError, PlanError.
+    """
+    from ..recipe import Recipe, load_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    st = settings_from_recipe(recipe)
+    source = "given"
+    if tokens is None:
+        tokens, source = count_epoch_tokens(recipe)
+    shape = load_shape(recipe.model.path, recipe.model.revision)
+    mach = machine if isinstance(machine, Machine) else get_machine(machine, budget_gb)
+    check_settings(shape, st)
+    return _finish(shape, st, mach, tokens, source)
+
+
+def check_settings(shape: ModelShape, st: Settings) -> None:
+    """Reject settings no run could have, naming the option and the limit."""
+    problems = []
+    if st.method != "full" and st.rank > shape.hidden:
+        problems.append(f"rank {st.rank} is larger than the hidden size {shape.hidden} of {shape.name}; "
+                        f"use a rank well below it (8-64 is typical)")
+    if st.layers is not None and not 1 <= st.layers <= shape.layers:
+        problems.append(f"layers {st.layers}: the model has {shape.layers} blocks; use 1..{shape.layers} or all")
+    if st.method == "full" and (st.quant_bits or shape.quantized_bits):
+        problems.append("method 'full' cannot train a quantized base; use lora/dora (QLoRA) or a float base")
+    if st.batch_size < 1 or st.seq_len < 1:
+        problems.append(f"batch size {st.batch_size} and max_seq_len {st.seq_len + 1} must be positive")
+    if st.method not in ("lora", "dora", "full"):
+        problems.append(f"method {st.method!r}: expected lora, dora, qlora or full")
+    if problems:
+        raise PlanError("impossible settings: " + "; ".join(problems))
+
+
+def _finish(shape, st, mach, tokens, tokens_source) -> Plan:
+    est = estimate(shape, st)
+    p = Plan(shape, st, mach, est, tokens_per_epoch=tokens, tokens_source=tokens_source,
+             flops_per_token=flops_per_token(shape, st))
+    p.tflops = mach.tflops(shape.dtype)
+    if p.tflops is None and not mach.is_mac:
+        p.tflops = measure_cpu_tflops()
+    if tokens:
+        p.seconds_per_epoch = seconds_per_epoch(shape, st, mach, tokens, p.tflops)
+    if not p.fits:
+        p.suggestions = suggest(shape, st, mach)
+    return p
+
+
+def _required(shape, st) -> int:
+    return estimate(shape, st).required_bytes
+
+
+def suggest(shape: ModelShape, st: Settings, mach: Machine) -> list[dict]:
+    """Concrete single changes that make the plan fit, each re-checked with the memory model."""
+    budget = mach.budget_bytes
+    out: list[dict] = []
+
+    def add(key: str, value, text: str, new: Settings):
+        need = _required(shape, new)
+        out.append({"change": key, "value": value, "peak_bytes": need, "fits": need <= budget, "text": text})
+
+    fitting_b = [b for b in range(st.batch_size - 1, 0, -1) if _required(shape, replace(st, batch_size=b)) <= budget]
+    if fitting_b:
+        b = fitting_b[0]
+        add("training.batch_size", b, f"training.batch_size = {b} (with grad_accum = "
+            f"{-(-st.batch_size * st.grad_accum // b)} for the same tokens per step)", replace(st, batch_size=b))
+    L = _largest(lambda n: _required(shape, replace(st, seq_len=n - 1)) <= budget, 32, st.seq_len)
+    if L:
+        add("data.max_seq_len", L, f"data.max_seq_len = {L} (longer samples are truncated or dropped)",
+            replace(st, seq_len=L - 1))
+    if not st.grad_checkpointing:
+        add("training.grad_checkpointing", True, "training.grad_checkpointing = true (~30% slower)",
+            replace(st, grad_checkpointing=True))
+    if st.method != "full" and not (st.quant_bits or shape.quantized_bits):
+        add("model.quantize", {"bits": 4, "group_size": 64}, "QLoRA: model.quantize = { bits = 4, group_size = 64 }",
+            replace(st, quant_bits=4, quant_group=64))
+    if st.method == "full":
+        add("adapter.method", "lora", "adapter.method = 'lora' instead of full fine-tuning",
+            replace(st, method="lora"))
+    n_now = st.layers or shape.layers
+    n = _largest(lambda k: _required(shape, replace(st, layers=k)) <= budget, 1, n_now - 1)
+    if n:
+        add("adapter.layers", n, f"adapter.layers = {n} (adapt only the last {n} blocks)", replace(st, layers=n))
+    if not any(s["fits"] for s in out):
+        combo = replace(st, grad_checkpointing=True, quant_bits=st.quant_bits or (4 if st.method != "full" else None))
+        b = next((b for b in range(st.batch_size, 0, -1) if _required(shape, replace(combo, batch_size=b)) <= budget), 1)
+        combo = replace(combo, batch_size=b)
+        Lc = _largest(lambda k: _required(shape, replace(combo, seq_len=k - 1)) <= budget, 32, combo.seq_len + 1)
+        if Lc:
+            combo = replace(combo, seq_len=Lc - 1)
+            add("combined", {"grad_checkpointing": True, "quant_bits": combo.quant_bits, "batch_size": b, "max_seq_len": Lc},
+                f"together: grad checkpointing{', 4-bit QLoRA' if combo.quant_bits and not st.quant_bits else ''}, "
+                f"batch_size = {b}, max_seq_len = {Lc}", combo)
+    cmd = sysctl_advice(mach, _required(shape, st))
+    if cmd:
+        out.append({"change": "iogpu.wired_limit_mb", "value": int(cmd.split("=")[1].split()[0]),
+                    "peak_bytes": _required(shape, st), "fits": True, "text": cmd})
+    # Only changes that fit are worth printing, and the ones that do not say why they are missing.
+    return [s for s in out if s["fits"]]
+
+
+def _largest(ok, lo: int, hi: int) -> int | None:
+    """Largest multiple of 32 (or integer when lo == 1) in [lo, hi] with ok(n); None if none."""
+    step = 32 if lo == 32 else 1
+    cands = list(range(lo, hi + 1, step))
+    if not cands or not ok(cands[0]):
+        return None
+    a, b = 0, len(cands) - 1
+    while a < b:  # memory grows with n: binary search for the last fitting candidate
+        m = (a + b + 1) // 2
+        a, b = (m, b) if ok(cands[m]) else (a, m - 1)
+    return cands[a]
+
+
+def count_epoch_tokens(recipe) -> tuple[int | None, str]:
+    """Padded tokens of one epoch, by running the data pipeline, when the tokenizer is at hand."""
+    try:
+        from ..data import load_datasets
+        from ..data.batching import epoch_batches, row_width
+        from ..data.report import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe)
+        splits = load_datasets(recipe, tokenizer)
+        d, t = recipe.data, recipe.training
+        plans = epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
+        padded = sum(len(p) * row_width(splits.train, p, d.max_seq_len, d.pack) if not d.pack
+                     else t.batch_size * d.max_seq_len for p in plans)
+        return int(padded), f"{splits.stats.get('tokens', '?')} dataset tokens, padded into {len(plans)} batches"
+    except Exception as e:  # no tokenizer offline, data missing: the plan still stands without time
+        return None, f"dataset not counted ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); pass --tokens N"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:7.2f} GiB"
+
+
+def render(p: Plan) -> str:
+    st, sh, m = p.settings, p.shape, p.machine
+    method = st.method + (f" on a {st.quant_bits}-bit base (QLoRA)" if st.quant_bits else
+                          f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
+    layers = "all" if st.layers is None else f"last {st.layers} of"
+    lines = [
+        f"model    {sh.name}  ({p.estimate.total_params / 1e9:.2f}B params, {sh.layers} blocks; config: {sh.source})",
+        f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size} x {st.seq_len + 1} tokens"
+        f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
+        f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
+        f"machine  {m.name} ({m.chip}, {m.memory_bytes / 2**30:.0f} GiB); budget {m.budget_bytes / 2**30:.2f} GiB "
+        f"= {m.budget_source}",
+        "",
+    ]
+    for k, v in p.breakdown().items():
+        if v:
+            lines.append(f"  {k:<26} {_gib(v)}")
+    lines += [f"  {'-' * 38}",
+              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {p.estimate.peak_bytes / 2**30:.2f} GiB + headroom)",
+              f"  {'machine budget':<26} {_gib(m.budget_bytes)}", ""]
+    if p.fits:
+        lines.append(f"FITS with {p.margin_bytes / 2**30:.2f} GiB to spare ({p.margin_bytes / m.budget_bytes:.0%} of the budget)")
+    else:
+        lines.append(f"DOES NOT FIT: {-p.margin_bytes / 2**30:.2f} GiB over the budget")
+        if p.suggestions:
+            lines.append("Any one of these fits:")
+            lines += [f"  - {s['text']}" + ("" if s["change"] == "iogpu.wired_limit_mb" else
+                      f"  -> {s['peak_bytes'] / 2**30:.2f} GiB") for s in p.suggestions]
+        else:
+            lines.append("No single change fits; this model needs a machine with more memory.")
+    for note in p.estimate.notes:
+        lines.append(f"note: {note}")
+    if p.calibration:
+        c = p.calibration
+        lines.append(f"probe: measured {c['measured_bytes'] / 2**20:.0f} MiB vs predicted {c['predicted_bytes'] / 2**20:.0f} MiB "
+                     f"at batch {c['batch_size']} x {c['seq_len']} tokens; activation terms scaled by {c['scale']:.3f}")
+    lines.append("")
+    lines.append(time_text(p))
+    return "\n".join(lines)
+
+
+def time_text(p: Plan) -> str:
+    tf = p.tflops
+    if p.seconds_per_epoch is None:
+        why = p.tokens_source or "no token count; pass --tokens N"
+        return f"time per epoch: unknown ({why})"
+    s = p.seconds_per_epoch
+    human = f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+    return (f"time per epoch ~ {human}  = tokens x FLOPs/token / (efficiency x peak FLOP/s)\n"
+            f"  = {p.tokens_per_epoch:,} x {p.flops_per_token / 1e9:.2f} GFLOP / ({EFFICIENCY} x {tf:.1f} TFLOP/s)"
+            f"   [{p.tokens_source}]")
+
+
+from .machines import sysctl_advice  # noqa: E402
+from .timing import EFFICIENCY, flops_per_token, measure_cpu_tflops, seconds_per_epoch  # noqa: E402

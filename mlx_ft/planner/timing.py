@@ -1,0 +1,65 @@
+"""Time per epoch: FLOPs per token of the training step over the machine's sustained FLOP/s.
+
+    seconds/epoch = padded tokens/epoch x FLOPs/token / (efficiency x peak FLOP/s)
+
+FLOPs per token (N = matmul parameters, N_span = those of the adapted blocks, L = row length,
+d_q = heads x head_dim; MLX computes the full L x L attention when training, no causal halving):
+
+    forward             2 N + 4 L d_q x layers
+    backward, inputs    2 N_span + 2 V H (head) + 8 L d_q x adapted layers
+    backward, weights   2 N_span (full fine-tuning only; LoRA's own matmuls are negligible)
+    checkpointing       + 2 N_span + 4 L d_q x adapted layers (the forward is run again)
+    chunked loss        + 2 V H (each chunk's logits are recomputed in the backward)
+"""
+
+from __future__ import annotations
+
+from .configs import ModelShape
+from .machines import Machine
+from .memory import Settings, n_adapted
+
+EFFICIENCY = 0.40
+"""Sustained share of peak GPU FLOP/s: two published MLX LoRA runs decompose to 39% and 44%
+(planner-facts §3.9); small models and short rows do worse (per-step overhead dominates)."""
+
+
+def flops_per_token(shape: ModelShape, st: Settings) -> float:
+    L, n_t = st.seq_len, n_adapted(shape, st)
+    block = sum(i * o for i, o in shape.linears().values())
+    head = shape.vocab * shape.hidden
+    n_span = n_t * block
+    attn = 4 * L * shape.d_q
+    f = 2 * (shape.layers * block + head) + attn * shape.layers  # forward
+    f += 2 * n_span + 2 * head + 2 * attn * n_t  # backward to the inputs through the span
+    if st.method == "full":
+        f += 2 * n_span
+    if st.grad_checkpointing:
+        f += 2 * n_span + attn * n_t
+    if st.loss_chunk and st.loss_chunk < L:
+        f += 2 * head
+    return float(f)
+
+
+def seconds_per_epoch(shape: ModelShape, st: Settings, machine: Machine, tokens: int,
+                      tflops: float | None = None) -> float | None:
+    """Estimated seconds for `tokens` padded tokens; None when the machine's FLOP/s are unknown."""
+    peak = tflops or machine.tflops(shape.dtype)
+    if not peak:
+        return None
+    return tokens * flops_per_token(shape, st) / (EFFICIENCY * peak * 1e12)
+
+
+def measure_cpu_tflops(seconds: float = 0.3) -> float:
+    """Sustained float32 matmul TFLOP/s of this machine's MLX default device (a quick GEMM loop)."""
+    import time
+
+    import mlx.core as mx
+
+    n = 512
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a @ b)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        mx.eval(a @ b)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e12
