@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import tomllib
 import types
 import typing
@@ -282,7 +283,8 @@ def _read_with_extends(path: Path, chain: list[Path]) -> tuple[dict, dict]:
         return data, prov
     if not isinstance(base_name, str):
         raise RecipeError(str(path), [f"extends: expected a file path string, found {base_name!r}"])
-    base, base_prov = _read_with_extends(path.parent / base_name, [*chain, path.resolve()])
+    base_path = Path(os.path.normpath(path.parent / base_name))
+    base, base_prov = _read_with_extends(base_path, [*chain, path.resolve()])
     if not chain:  # values inherited through any depth of extends say which file gave them
         base_prov = {k: v.replace("file ", "extends ", 1) for k, v in base_prov.items()}
     return _merge(base, data), {**base_prov, **prov}

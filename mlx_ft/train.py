@@ -74,7 +74,7 @@ def build_optimizer(t: TrainingConfig, total_steps: int):
     elif t.lr_schedule == "linear":
         main = optim.linear_schedule(t.learning_rate, 0.0, decay_steps)
     else:
-        main = lambda step: t.learning_rate  # noqa: E731
+        main = optim.linear_schedule(t.learning_rate, t.learning_rate, 1)  # constant, as an array
     lr = main
     if t.warmup_steps:
         warm = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)

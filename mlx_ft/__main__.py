@@ -1,0 +1,5 @@
+"""`python -m mlx_ft ...` is `mlxft ...`."""
+
+from .cli import main
+
+main()

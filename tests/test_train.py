@@ -1,0 +1,304 @@
+"""The training loop end to end on a tiny model: artefacts, methods, exact resume, bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_ft import checkpoint as ckpt
+from mlx_ft.cli import main
+from mlx_ft.errors import CheckpointError, ModelError, TrainingError
+from mlx_ft.recipe import _toml_value, load_recipe
+from mlx_ft.train import metal_memory_plan, train
+
+
+def make_recipe(tmp_path: Path, model_dir, data, name="r.toml", **sections) -> Path:
+    """Write a recipe for the tiny model; `sections` = {"training": {...}, ...} override defaults."""
+    train_file, valid_file = data
+    tables = {
+        "model": {"path": str(model_dir)},
+        "adapter": {"rank": 4, "alpha": 8.0},
+        "data": {"train": str(train_file), "valid": str(valid_file), "max_seq_len": 128},
+        "training": {"batch_size": 4, "steps": 12, "learning_rate": 5e-3, "report_every": 2,
+                     "warmup_steps": 0, "lr_schedule": "constant"},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for table, values in sections.items():
+        tables.setdefault(table, {}).update(values)
+    lines = []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def train_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+ADAPTER_FILES = {"adapters.safetensors", "adapter_config.json"}
+
+
+def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_jsonl):
+    recipe = make_recipe(tmp_path, tiny_model_dir, chat_jsonl,
+                         training={"eval_every": 6, "save_every": 4, "keep_checkpoints": 2})
+    result = CliRunner().invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    ckpt_files = {"adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json"}
+    assert files_under(run) == (
+        {"recipe.resolved.toml", "metrics.jsonl", "summary.json", "loss.png"}
+        | {f"adapters/{f}" for f in ADAPTER_FILES} | {f"adapters-best/{f}" for f in ADAPTER_FILES}
+        | {f"checkpoints/step-{s:06d}/{f}" for s in (4, 8) for f in ckpt_files}
+    )
+    assert "trainable parameters: 8,192 of" in result.output
+    assert "done: 12 steps, final loss" in result.output
+    rows = train_rows(run)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("final_loss", "best_val_loss", "best_step", "trained_tokens", "wall_time_sec",
+                "tokens_per_sec", "peak_memory_bytes", "trainable_parameters", "data"):
+        assert summary[key] is not None, key
+    assert summary["steps"] == 12 and summary["trainable_parameters"] == 8192
+    assert summary["peak_memory_bytes"] > 0
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = json.loads((run / "checkpoints/step-000008/state.json").read_text())
+    assert state["loop"]["step"] == 8 and state["recipe"]["adapter.rank"] == 4
+
+
+def test_adapter_loads_in_mlx_lm_with_equal_logits(tmp_path, tiny_model_dir, chat_jsonl):
+    from mlx_lm import load
+
+    result = train(load_recipe(make_recipe(tmp_path, tiny_model_dir, chat_jsonl)), progress=False)
+    theirs, _ = load(str(tiny_model_dir), adapter_path=str(result.adapter_dir))
+    x = mx.array([[5, 17, 42, 9, 100, 7, 3, 250]])
+    result.model.eval()
+    ours = result.model(x)
+    assert mx.abs(ours - theirs(x)).max().item() < 1e-5
+    base, _ = load(str(tiny_model_dir))
+    assert mx.abs(ours - base(x)).max().item() > 1e-3  # the adapter is not an identity
+
+
+def _param_count(model_dir: Path, method: str, rank: int = 4) -> int:
+    """Analytic trainable-parameter count of the tiny llama for the given method."""
+    c = json.loads((model_dir / "config.json").read_text())
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out) of q,k,v,o,gate,up,down
+    if method == "full":
+        per = sum(a * b for a, b in shapes) + 2 * h  # + the two RMSNorm weights
+    else:
+        per = sum(rank * (a + b) for a, b in shapes) + (sum(b for _, b in shapes) if method == "dora" else 0)
+    return per * c["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("method, quantize", [
+    ("dora", None), ("lora", {"bits": 4, "group_size": 32}), ("lora", {"bits": 8, "group_size": 32}),
+    ("dora", {"bits": 4, "group_size": 32}), ("full", None),
+])
+def test_methods_train_with_falling_loss(tmp_path, tiny_model_dir, chat_jsonl, method, quantize):
+    model = {"path": str(tiny_model_dir)}
+    if quantize:
+        model["quantize"] = quantize
+    lr = 2e-3 if method == "full" else 5e-3
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, chat_jsonl, model=model,
+                                     adapter={"method": method}, training={"learning_rate": lr}))
+    result = train(recipe, progress=False)
+    assert result.summary["trainable_parameters"] == _param_count(tiny_model_dir, method)
+    assert result.losses[-1] < result.losses[0] - 0.5, result.losses
+    cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == method and cfg["quantize"] == quantize
+
+
+def test_full_finetune_of_prequantized_base_is_refused(tmp_path, tiny_model_dir, chat_jsonl):
+    import mlx_lm.utils as mu
+
+    from mlx_ft.models import apply_adapters, quantize
+    from mlx_ft.recipe import AdapterConfig
+
+    model, _ = mu.load(str(tiny_model_dir))
+    quantize(model, 4, 32)
+    with pytest.raises(ModelError, match="'full' cannot train a quantized base"):
+        apply_adapters(model, AdapterConfig(method="full"))
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mlx_ft", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _adapter(path: Path) -> dict:
+    return dict(mx.load(str(path / "adapters.safetensors")))
+
+
+def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, tiny_model_dir, chat_jsonl):
+    sections = dict(training={"steps": 16, "report_every": 1, "save_every": 3, "grad_accum": 2,
+                              "lr_schedule": "cosine", "warmup_steps": 2},
+                    adapter={"dropout": 0.1})
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir(), cut_dir.mkdir()
+    ref = train(load_recipe(make_recipe(ref_dir, tiny_model_dir, chat_jsonl, **sections)), progress=False)
+    recipe = make_recipe(cut_dir, tiny_model_dir, chat_jsonl, **sections)
+    kill_after = random.Random(time.time_ns()).randint(4, 14)
+    proc = _run_cli(["run", str(recipe)])
+    metrics = cut_dir / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut_dir / "run" / "summary.json").exists(), "the run finished before it was killed"
+    done = subprocess.run([sys.executable, "-m", "mlx_ft", "run", str(recipe), "--resume"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    ours = {r["step"]: r["last_loss"] for r in train_rows(cut_dir / "run")}
+    theirs = {r["step"]: r["last_loss"] for r in train_rows(ref.run_dir)}
+    assert sorted(ours) == list(range(1, 17)), f"killed after {kill_after} rows"
+    assert max(abs(ours[s] - theirs[s]) for s in theirs) <= 1e-6, (kill_after, ours, theirs)
+    a, b = _adapter(ref.adapter_dir), _adapter(cut_dir / "run" / "adapters")
+    assert max(mx.abs(a[k] - b[k]).max().item() for k in a) <= 1e-6
+
+
+def test_truncated_checkpoint_is_skipped_for_previous(tmp_path, tiny_model_dir, chat_jsonl):
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model_dir, chat_jsonl,
+                                     training={"steps": 9, "save_every": 3}))
+    first = train(recipe, progress=False)
+    final = _adapter(first.adapter_dir)
+    newest = tmp_path / "run/checkpoints/step-000006/adapters.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a copy cut short
+    with pytest.warns(UserWarning, match="step-000006.*does not match its checksum"):
+        assert ckpt.latest(tmp_path / "run").name == "step-000003"
+    (tmp_path / "run/summary.json").unlink()  # pretend the process died after step 6
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        again = train(recipe, resume=True, progress=False)
+    assert again.losses and len(again.losses) == 6  # steps 4..9 were redone
+    assert all(mx.array_equal(final[k], v).item() for k, v in _adapter(again.adapter_dir).items())
+
+
+def test_resume_refuses_changes_that_matter_and_reports_harmless_ones(tmp_path, tiny_model_dir, chat_jsonl):
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl, training={"steps": 6, "save_every": 3})
+    train(load_recipe(path), progress=False)
+    (tmp_path / "run/summary.json").unlink()
+    with pytest.raises(CheckpointError, match=r"adapter\.rank: checkpoint has 4, recipe has 8"):
+        train(load_recipe(path, ["adapter.rank=8"]), resume=True, progress=False)
+    with pytest.warns(UserWarning, match=r"training\.eval_every: checkpoint has None, recipe has 2"):
+        train(load_recipe(path, ["training.eval_every=2"]), resume=True, progress=False)
+
+
+def test_finished_run_dir_is_refused_unless_overwrite(tmp_path, tiny_model_dir, chat_jsonl):
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl, training={"steps": 2})
+    assert CliRunner().invoke(main, ["run", str(path)]).exit_code == 0
+    again = CliRunner().invoke(main, ["run", str(path)])
+    assert again.exit_code == 2
+    assert "already holds a finished run; pass --resume to continue it, --overwrite" in again.output
+    assert CliRunner().invoke(main, ["run", str(path), "--overwrite"]).exit_code == 0
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir, chat_jsonl):
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl, training={"steps": 100000, "report_every": 1})
+    proc = _run_cli(["run", str(path)])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "stopped by SIGTERM at step" in err and "--resume" in err
+    step = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert (tmp_path / f"run/checkpoints/step-{step:06d}/state.json").is_file()
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, tiny_model_dir, chat_jsonl):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = dict(mx.load(str(broken / "model.safetensors")))
+    w = weights["model.layers.1.mlp.down_proj.weight"]
+    weights["model.layers.1.mlp.down_proj.weight"] = mx.where(mx.arange(w.shape[1]) == 3, mx.nan, w)
+    mx.save_safetensors(str(broken / "model.safetensors"), weights)
+    path = make_recipe(tmp_path, broken, chat_jsonl, training={"steps": 5})
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1 \(epoch 0, batch 0\); the last good "
+                                            r"checkpoint is kept in .*checkpoints"):
+        train(load_recipe(path), progress=False)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_early_stopping_after_patience(tmp_path, tiny_model_dir, chat_jsonl):
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl,
+                       training={"learning_rate": 1e-12, "steps": 20, "eval_every": 2,
+                                 "early_stopping_patience": 2})
+    result = train(load_recipe(path), progress=False)
+    assert result.summary["steps"] == 6  # best at step 2, no better at 4 and 6
+    assert result.summary["best_step"] == 2
+    assert (result.run_dir / "adapters-best" / "adapters.safetensors").is_file()
+
+
+def test_targets_that_match_nothing_stop_before_any_run_dir(tmp_path, tiny_model_dir, chat_jsonl):
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl, adapter={"targets": ["qq_proj"]})
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "adapter.targets: ['qq_proj'] matched no module in the last 2 blocks; linear modules there: " \
+           "mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, self_attn.o_proj, " \
+           "self_attn.q_proj, self_attn.v_proj" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("model", "model.path: {p} does not exist"),
+    ("missing", "{p}"),
+    ("empty", "{p}"),
+    ("not-json", "{p}:2"),
+    ("no-messages", "{p}:1"),
+])
+def test_bad_input_is_one_clear_error_and_leaves_no_run_dir(tmp_path, tiny_model_dir, chat_jsonl, case, message):
+    train_file = tmp_path / "bad.jsonl"
+    model = tiny_model_dir
+    if case == "model":
+        model, p = tmp_path / "no-model", tmp_path / "no-model"
+    else:
+        p = train_file
+        if case == "empty":
+            train_file.write_text("")
+        elif case == "not-json":
+            train_file.write_text(chat_jsonl[0].read_text().splitlines()[0] + "\n{not json\n")
+        elif case == "no-messages":
+            train_file.write_text('{"msgs": []}\n')
+    path = make_recipe(tmp_path, model, (train_file if case != "model" else chat_jsonl[0], chat_jsonl[1]))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert message.format(p=p) in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_metal_memory_plan_from_mac_values():
+    # mx.device_info() of a 128 GB M4 Max on macOS 26: a 107.52 GiB recommended working set
+    mac = {"architecture": "applegpu_g16s", "memory_size": 137438953472,
+           "max_recommended_working_set_size": 115448725504}
+    wired, stop_at = metal_memory_plan(mac)
+    assert wired == 115448725504
+    assert stop_at == int(115448725504 * 0.95)
+    assert metal_memory_plan({"memory_size": 25769803776}) is None  # CPU backend: no working set
