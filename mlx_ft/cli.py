@@ -103,13 +103,20 @@ def _value(recipe, key):
 @main.command("recipes")
 @click.option("--dir", "where", type=click.Path(path_type=Path), default=None,
               help="Directory to list (default: the recipes/ folder shipped with mlx_ft).")
-def recipes_cmd(where):
+@click.option("--reference", is_flag=True, help="Print the recipe reference (every key, type, default, meaning) as Markdown.")
+def recipes_cmd(where, reference):
     """List the bundled recipes with the first line of their description.
 
     \b
-    Example:
+    Examples:
       mlxft recipes
+      mlxft recipes --reference > docs/recipes.md
     """
+    if reference:
+        from .recipe_reference import markdown
+
+        click.echo(markdown(), nl=False)
+        return
     where = where or bundled_recipes_dir()
     files = sorted(where.glob("*.toml")) if where and where.is_dir() else []
     if not files:
@@ -155,6 +162,48 @@ def data_inspect(recipe, show, as_json, overrides):
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         click.echo(format_report(report, color=sys.stdout.isatty()))
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--model", help="Base model: hub id or local dir (default: the base recorded with the adapter).")
+@click.option("--adapter", type=click.Path(path_type=Path), help="Adapter directory or run directory to apply.")
+@click.option("--prompt", required=True, help="The prompt (the user turn with --chat).")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt as one user turn.")
+@click.option("--system", help="System message (implies --chat).")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", type=float, default=0.0, help="Nucleus sampling threshold (0 = off).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--verbose", is_flag=True, help="Also print the templated prompt and the speed.")
+@user_errors
+def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, top_p, seed, verbose):
+    """Quick check of a fine-tune: stream the answer to one prompt.
+
+    RUN_DIR is a run directory (or adapter directory): its adapter is applied to the base model
+    it recorded. Or give --model (and --adapter) instead.
+
+    \b
+    Examples:
+      mlxft generate runs/demo --system "Classify the review. Reply with JSON only." \\
+          --prompt "Review: The soup was cold."
+      mlxft generate --model Qwen/Qwen2.5-7B-Instruct --adapter runs/qwen7b-dora --chat --prompt "Hi"
+    """
+    from .errors import ModelError
+    from .generate import generate as run_generate
+
+    if run_dir is not None and adapter is not None:
+        raise ModelError("generate: give RUN_DIR or --adapter, not both")
+    if run_dir is None and model is None and adapter is None:
+        raise ModelError("generate: give a RUN_DIR, or --model (with --adapter DIR to apply a fine-tune)")
+    out = run_generate(model, prompt, adapter=adapter or run_dir, chat=chat, system=system,
+                       max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                       on_text=lambda t: click.echo(t, nl=False))
+    click.echo()
+    if verbose:
+        click.echo(f"--- prompt ({out.prompt_tokens} tokens):\n{out.prompt}", err=True)
+        click.echo(f"--- {out.generation_tokens} tokens, {out.tokens_per_sec:.1f} tok/s, "
+                   f"finish: {out.finish_reason}", err=True)
 
 
 @main.command()
