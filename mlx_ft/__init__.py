@@ -1,13 +1,20 @@
 """mlx_ft: fine-tune LLMs on Apple Silicon with MLX, driven by TOML recipes.
 
-Notebook use mirrors the CLI::
+Notebook use mirrors the CLI (examples/quickstart.ipynb, docs/notebook.md)::
 
-    from mlx_ft import load_recipe, train
+    from mlx_ft import load_recipe, plan, inspect_data, train, generate, fuse
     recipe = load_recipe("recipes/demo.toml", overrides={"training.epochs": 1})
-    result = train(recipe)          # TrainResult: run_dir, adapter_dir, summary, model, tokenizer
+    plan(recipe, machine="m4-max-128")   # mlxft plan
+    inspect_data(recipe)                 # mlxft data inspect
+    result = train(recipe)               # mlxft run; TrainResult: run_dir, adapter_dir, summary, model, tokenizer
+    generate(result, "Review: ...", chat=True)   # mlxft generate
+    fuse(result.run_dir, to="gguf")      # mlxft fuse; export_adapter: mlxft export-adapter
 
 Heavy modules (mlx, mlx-lm) load on first use, so `import mlx_ft` is cheap.
 """
+
+import sys
+import types
 
 from .errors import (CheckpointError, DataError, ExportError, MlxFtError, ModelError, PlanError,
                      RecipeError, TrainingError)
@@ -21,6 +28,11 @@ _LAZY = {
     "TrainResult": ("train", "TrainResult"),
     "Callback": ("train", "Callback"),
     "load_with_adapter": ("models", "load_with_adapter"),
+    "plan": ("planner", "plan"),
+    "inspect_data": ("api", "inspect_data"),
+    "fuse": ("export", "fuse"),
+    "export_adapter": ("export", "export_adapter"),
+    "generate": ("generate", "generate"),
 }
 
 
@@ -31,6 +43,20 @@ def __getattr__(name):
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(f"module 'mlx_ft' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing submodule `mlx_ft.train` (or `.generate`) would bind the module over the lazy
+    function of the same name, so `from mlx_ft import train` gave the module; refuse that binding
+    (the module stays importable as `mlx_ft.train` through sys.modules)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = ["load_recipe", "recipe_from_dict", "Recipe", *_LAZY, "MlxFtError", "RecipeError", "DataError",
