@@ -82,3 +82,16 @@ def test_recipe_reference_covers_every_key():
         assert f"## [{table}]" in md
         for key, doc in field_docs(cls).items():
             assert f"| `{key}` |" in md and " ".join(doc.split())[:40].replace("|", "\\|") in md
+
+
+@pytest.mark.parametrize("argv", [[], ["--no-checkpointing"]])
+def test_choosing_page_tables_are_the_planners(argv, monkeypatch, capsys):
+    """docs/choosing.md quotes examples/plan_matrix.py; a planner change shows up here."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["plan_matrix.py", *argv])
+    runpy.run_path(str(RECIPES.parent / "examples" / "plan_matrix.py"), run_name="__main__")
+    table = capsys.readouterr().out.strip()
+    assert table in (RECIPES.parent / "docs" / "choosing.md").read_text(), \
+        f"docs/choosing.md is stale; paste the output of python examples/plan_matrix.py {' '.join(argv)}:\n{table}"
