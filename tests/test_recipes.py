@@ -49,8 +49,8 @@ def test_recipe_fits_its_machine_as_its_header_says(name):
     p = plan(load_recipe(RECIPES / name), machine=m[1], tokens=int(m[2]))
     assert p.fits, p.render()
     assert p.margin_bytes >= MIN_MARGIN * p.machine.budget_bytes, p.render()
-    # The comment block quotes the planner: when the memory model changes, copy the new numbers from
-    # the `mlxft plan` command in the header.
+    # The comment block quotes the planner: after a memory-model change, run
+    # `python scripts/update_plan_quotes.py` and read the diff.
     said = re.search(r"# Planner: peak ([\d.]+) GiB of a ([\d.]+) GiB budget: fits, (\d+)% of the budget to spare", h)
     assert said, f"{name}: no '# Planner: peak X GiB of a Y GiB budget: fits, Z% ...' line"
     assert float(said[1]) == pytest.approx(p.peak_bytes / GIB, abs=0.06)
@@ -94,4 +94,4 @@ def test_choosing_page_tables_are_the_planners(argv, monkeypatch, capsys):
     runpy.run_path(str(RECIPES.parent / "examples" / "plan_matrix.py"), run_name="__main__")
     table = capsys.readouterr().out.strip()
     assert table in (RECIPES.parent / "docs" / "choosing.md").read_text(), \
-        f"docs/choosing.md is stale; paste the output of python examples/plan_matrix.py {' '.join(argv)}:\n{table}"
+        f"docs/choosing.md is stale: run python scripts/update_plan_quotes.py\n{table}"
