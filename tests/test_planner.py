@@ -173,3 +173,18 @@ def test_plan_bad_input_exits_2(args, expect, monkeypatch):
 def test_machines_command():
     r = run("machines")
     assert r.exit_code == 0 and "m4-max-128" in r.output and "107.5" in r.output
+
+
+def test_probe_calibration_scales_only_activation_terms():
+    from mlx_ft.planner.probe import STATIC_TERMS, calibrate
+
+    sh = load_shape("Qwen/Qwen2.5-0.5B")
+    full = estimate(sh, Settings(rank=8, batch_size=4, seq_len=2047))
+    small = estimate(sh, Settings(rank=8, batch_size=4, seq_len=255))
+    static = sum(small.breakdown[k] for k in STATIC_TERMS)
+    measured = static + int(1.2 * (small.peak_bytes - static))  # the probe saw 20% more
+    est, info = calibrate(full, small, measured)
+    assert info["scale"] == pytest.approx(1.2, rel=1e-6)
+    assert est.breakdown["weights"] == full.breakdown["weights"]
+    assert est.breakdown["activations"] == pytest.approx(1.2 * full.breakdown["activations"], rel=1e-6)
+    assert est.peak_bytes == sum(est.breakdown.values())

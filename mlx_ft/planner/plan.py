@@ -23,7 +23,7 @@ def settings_from_recipe(recipe) -> Settings:
         loss_chunk=t.loss_chunk_size, optimizer=t.optimizer, grad_accum=t.grad_accum)
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
     """The planner's answer: breakdown, verdict against the budget, advice, and time per epoch."""
 
@@ -78,6 +78,9 @@ class Plan:
 
     def render(self) -> str:
         return render(self)
+
+    def __repr__(self) -> str:  # a notebook cell showing `plan(recipe)` prints the report
+        return self.render()
 
 
 def plan_model(model: str, settings: Settings, machine: str | Machine = "auto", tokens: int | None = None,
@@ -224,13 +227,14 @@ def count_epoch_tokens(recipe) -> tuple[int | None, str]:
         plans = epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
         padded = sum(len(p) * row_width(splits.train, p, d.max_seq_len, d.pack) if not d.pack
                      else t.batch_size * d.max_seq_len for p in plans)
-        return int(padded), f"{splits.stats.get('tokens', '?')} dataset tokens, padded into {len(plans)} batches"
+        real = sum(len(x.tokens) for x in splits.train)
+        return int(padded), f"{real:,} dataset tokens, {padded:,} with padding, in {len(plans)} batches"
     except Exception as e:  # no tokenizer offline, data missing: the plan still stands without time
         return None, f"dataset not counted ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); pass --tokens N"
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:7.2f} GiB"
+    return f"{n / 2**30:7.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:7.1f} MiB"
 
 
 def render(p: Plan) -> str:
@@ -239,7 +243,7 @@ def render(p: Plan) -> str:
                           f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
     layers = "all" if st.layers is None else f"last {st.layers} of"
     lines = [
-        f"model    {sh.name}  ({p.estimate.total_params / 1e9:.2f}B params, {sh.layers} blocks; config: {sh.source})",
+        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params, {sh.layers} blocks; config: {sh.source})",
         f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size} x {st.seq_len + 1} tokens"
         f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
         f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
@@ -251,16 +255,16 @@ def render(p: Plan) -> str:
         if v:
             lines.append(f"  {k:<26} {_gib(v)}")
     lines += [f"  {'-' * 38}",
-              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {p.estimate.peak_bytes / 2**30:.2f} GiB + headroom)",
+              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {_gib(p.estimate.peak_bytes).strip()} + headroom)",
               f"  {'machine budget':<26} {_gib(m.budget_bytes)}", ""]
     if p.fits:
-        lines.append(f"FITS with {p.margin_bytes / 2**30:.2f} GiB to spare ({p.margin_bytes / m.budget_bytes:.0%} of the budget)")
+        lines.append(f"FITS with {_gib(p.margin_bytes).strip()} to spare ({p.margin_bytes / m.budget_bytes:.0%} of the budget)")
     else:
-        lines.append(f"DOES NOT FIT: {-p.margin_bytes / 2**30:.2f} GiB over the budget")
+        lines.append(f"DOES NOT FIT: {_gib(-p.margin_bytes).strip()} over the budget")
         if p.suggestions:
             lines.append("Any one of these fits:")
             lines += [f"  - {s['text']}" + ("" if s["change"] == "iogpu.wired_limit_mb" else
-                      f"  -> {s['peak_bytes'] / 2**30:.2f} GiB") for s in p.suggestions]
+                      f"  -> {_gib(s['peak_bytes']).strip()}") for s in p.suggestions]
         else:
             lines.append("No single change fits; this model needs a machine with more memory.")
     for note in p.estimate.notes:
@@ -280,9 +284,9 @@ def time_text(p: Plan) -> str:
         why = p.tokens_source or "no token count; pass --tokens N"
         return f"time per epoch: unknown ({why})"
     s = p.seconds_per_epoch
-    human = f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+    human = f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.1f} s"
     return (f"time per epoch ~ {human}  = tokens x FLOPs/token / (efficiency x peak FLOP/s)\n"
-            f"  = {p.tokens_per_epoch:,} x {p.flops_per_token / 1e9:.2f} GFLOP / ({EFFICIENCY} x {tf:.1f} TFLOP/s)"
+            f"  = {p.tokens_per_epoch:,} x {p.flops_per_token / 1e9:.3g} GFLOP / ({EFFICIENCY} x {tf:.3g} TFLOP/s)"
             f"   [{p.tokens_source}]")
 
 
