@@ -15,9 +15,11 @@ from .checkpoint import LoopState
 
 
 class Reporter:
-    def __init__(self, run: Path, total_steps: int, loop: LoopState, callbacks, progress: bool, resumed: bool):
+    def __init__(self, run: Path, total_steps: int, loop: LoopState, callbacks, progress: bool, resumed: bool,
+                 write: bool = True):
         self.run, self.total, self.loop, self.callbacks = run, total_steps, loop, list(callbacks)
-        self.progress, self.resumed = progress, resumed
+        self.progress, self.resumed, self.write = progress, resumed, write
+        self.metrics = None
         self.t0 = time.perf_counter()
         self.base_elapsed = loop.elapsed
         self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": self.t0}
@@ -35,8 +37,9 @@ class Reporter:
         if self.resumed and metrics.exists():  # drop rows written after the checkpoint
             keep = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= self.loop.step]
             self.rows = keep
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self.metrics = open(metrics, "a")
+        if self.write:
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.metrics = open(metrics, "a")
         self.echo(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%)")
         if stats:
             self.echo("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
@@ -60,7 +63,7 @@ class Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if getattr(self, "metrics", None):
+        if self.metrics is not None:
             self.metrics.close()
 
     # -- events ----------------------------------------------------------------------------------
@@ -69,8 +72,9 @@ class Reporter:
 
     def _write(self, row: dict) -> None:
         self.rows.append(row)
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
 
     def step(self, loss: float, n_tok: int, lr: float, grad_norm: float) -> None:
         import mlx.core as mx
@@ -121,7 +125,8 @@ class Reporter:
             cb.on_checkpoint(path)
 
     # -- the end ---------------------------------------------------------------------------------
-    def finish(self, adapter_dir: Path, n_trainable: int, n_total: int, stats: dict, peak_memory: int) -> dict:
+    def finish(self, adapter_dir: Path, n_trainable: int, n_total: int, stats: dict, peak_memory: int,
+               extra: dict | None = None) -> dict:
         train_rows = [r for r in self.rows if "loss" in r]
         wall = self.elapsed()
         summary = {
@@ -138,8 +143,11 @@ class Reporter:
             "total_parameters": n_total,
             "adapter_dir": str(adapter_dir),
             "best_adapter_dir": str(self.run / "adapters-best") if self.loop.best_step else None,
+            **(extra or {}),
             "data": stats,
         }
+        if not self.write:
+            return summary
         (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
         self.plot()
         for cb in self.callbacks:

@@ -242,5 +242,10 @@ def builtin_model(name: str, texts: list[str], cache_dir: str | Path | None = No
     out = root / "builtin" / f"{name}-{digest}"
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_model(out, texts, **kwargs)
+        try:
+            build_tiny_model(out, texts, **kwargs)
+        except OSError:
+            # Several processes of one distributed run build it at once; one rename wins.
+            if not (out / "model.safetensors").is_file():
+                raise
     return out

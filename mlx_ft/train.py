@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -101,19 +102,50 @@ def metal_memory_plan(device_info: dict, stop_fraction: float = 0.95) -> tuple[i
     return int(budget), int(budget * stop_fraction)
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, primary: bool = True) -> Path:
     """Check the output dir is free (or resumable), before anything is written."""
     run = recipe.run_dir
     if not run.exists() or not any(run.iterdir()):
         return run
     if overwrite:
-        shutil.rmtree(run)
+        if primary:  # with several processes only rank 0 touches the run directory
+            shutil.rmtree(run)
         return run
     if resume:
         return run
     state = "a finished run" if (run / "summary.json").exists() else "an unfinished run"
     raise CheckpointError(f"output.dir: {run} already holds {state}; pass --resume to continue it, "
                           "--overwrite to replace it, or set another output.dir")
+
+
+def _resume_from(run: Path, meta: dict, model, optimizer) -> tuple[Path | None, ckpt.LoopState]:
+    """Load the newest complete checkpoint after checking it was made by a compatible recipe."""
+    latest = ckpt.latest(run)
+    if latest is None:
+        return None, ckpt.LoopState()
+    saved = json.loads((latest / ckpt.STATE).read_text())
+    refused, allowed = ckpt.mismatches(saved["recipe"], meta["recipe"], HARMLESS_ON_RESUME)
+    if saved.get("data_fingerprint") != meta["data_fingerprint"]:
+        refused.append("data: the training samples differ from the checkpoint's (files changed?)")
+    if saved.get("world_size", 1) != meta["world_size"]:
+        refused.append(f"world size: the checkpoint was written by {saved.get('world_size', 1)} process(es), this run "
+                       f"has {meta['world_size']}; resume with the same number (mlx.launch -n N)")
+    if refused:
+        raise CheckpointError(f"{latest}: cannot resume with this recipe:\n  " + "\n  ".join(refused)
+                              + "\n(use another output.dir, or --overwrite to start again)")
+    for line in allowed:
+        warnings.warn(f"resuming with a changed recipe value: {line}", stacklevel=3)
+    loop, _ = ckpt.load(latest, model, optimizer)
+    return latest, loop
+
+
+def _shard(plan: list, rank: int, world: int) -> tuple[list, bool]:
+    """This process's rows of a global batch: (rows to collate, whether they count).
+
+    Rows are dealt round-robin; a process left without rows (a short last batch) runs one row
+    with its mask cleared, so every process still joins the gradient all-reduce."""
+    rows = plan[rank::world]
+    return (rows, True) if rows else (plan[:1], False)
 
 
 def _flat(recipe: Recipe) -> dict:
@@ -141,7 +173,13 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
 
     t, d = recipe.training, recipe.data
     resume = (t.resume == "auto") if resume is None else resume
-    run = prepare_run_dir(recipe, resume, overwrite)
+    group = _init_distributed()  # a group of one unless started by mlx.launch
+    rank, world = group.rank(), group.size()
+    primary = rank == 0
+    if t.batch_size % world:
+        raise TrainingError(f"training.batch_size: {t.batch_size} rows cannot be split evenly over {world} "
+                            f"processes; use a multiple of {world} (it is the global batch)")
+    run = prepare_run_dir(recipe, resume, overwrite, primary)
     mx.random.seed(t.seed)
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
     splits = data.load_datasets(recipe, tokenizer)
@@ -162,25 +200,18 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     optimizer = build_optimizer(t, total_steps)
     optimizer.init(model.trainable_parameters())
     fingerprint = _fingerprint(splits.train)
-    meta = {"recipe": _flat(recipe), "data_fingerprint": fingerprint, "base_model": base_ref}
-
-    loop = ckpt.LoopState()
-    latest = ckpt.latest(run) if resume else None
-    if latest is not None:
-        saved = json.loads((latest / ckpt.STATE).read_text())
-        refused, allowed = ckpt.mismatches(saved["recipe"], meta["recipe"], HARMLESS_ON_RESUME)
-        if saved.get("data_fingerprint") != fingerprint:
-            refused.append("data: the training samples differ from the checkpoint's (files changed?)")
-        if refused:
-            raise CheckpointError(f"{latest}: cannot resume with this recipe:\n  " + "\n  ".join(refused)
-                                  + "\n(use another output.dir, or --overwrite to start again)")
-        for line in allowed:
-            warnings.warn(f"resuming with a changed recipe value: {line}", stacklevel=2)
-        loop, _ = ckpt.load(latest, model, optimizer)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "recipe.resolved.toml").write_text(resolved_toml(recipe))
-    reporter = Reporter(run, total_steps, loop, callbacks, progress, resumed=latest is not None)
+    meta = {"recipe": _flat(recipe), "data_fingerprint": fingerprint, "base_model": base_ref,
+            "world_size": world}
+    latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
+    if primary:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "recipe.resolved.toml").write_text(resolved_toml(recipe))
+    reporter = Reporter(run, total_steps, loop, callbacks, progress and primary, resumed=latest is not None,
+                        write=primary)
     reporter.start(recipe, n_trainable, n_total, splits.stats, latest)
+    if world > 1:
+        reporter.echo(f"data parallel: {world} processes, global batch {t.batch_size} rows x grad_accum "
+                      f"{t.grad_accum} ({t.batch_size // world} rows per process)")
 
     # -- compiled steps -----------------------------------------------------------------------
     state = [model.state, optimizer.state, mx.random.state]
@@ -214,12 +245,18 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         plans = data.epoch_batches(splits.valid, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, False)
         total, count = mx.array(0.0), mx.array(0.0)
         for plan in plans[: t.eval_batches]:
-            s, n = loss_fn(model, *as_arrays(data.collate(splits.valid, plan, d.max_seq_len, d.pack)))
-            total, count = total + s, count + n
+            rows, counts = _shard(plan, rank, world)
+            if counts:
+                s, n = loss_fn(model, *as_arrays(data.collate(splits.valid, rows, d.max_seq_len, d.pack)))
+                total, count = total + s, count + n
+        if world > 1:
+            total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
         mx.eval(total, count)  # sync point: one per validation pass
         return total.item() / max(count.item(), 1.0)
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint() -> Path | None:
+        if not primary:
+            return None
         protect = {loop.best_step} if loop.best_step is not None else set()
         path = ckpt.save(run, model, optimizer, loop, adapter_cfg, meta, t.keep_checkpoints, protect)
         reporter.checkpoint(path)
@@ -239,6 +276,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         mx.set_wired_limit(guard[0])
     mx.reset_peak_memory()
     step_losses: list[float] = []
+    stall = _StallGuard(rank, world) if world > 1 else None
     try:
         plans = plans_for(loop.epoch)
         while loop.step < total_steps:
@@ -248,13 +286,26 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                 if loop.batch_index >= len(plans):
                     loop.epoch, loop.batch_index = loop.epoch + 1, 0
                     plans = plans_for(loop.epoch)
-                batch = data.collate(splits.train, plans[loop.batch_index], d.max_seq_len, d.pack)
+                rows, counts = _shard(plans[loop.batch_index], rank, world)
+                batch = data.collate(splits.train, rows, d.max_seq_len, d.pack)
+                if not counts:
+                    batch.mask[:] = False
                 loss_sum, n_tok, grads = micro_step(*as_arrays(batch))
                 acc = grads if acc is None else tree_map(mx.add, acc, grads)
                 loss_total, tok_total = loss_total + loss_sum, tok_total + n_tok
                 loop.batch_index += 1
+            if world > 1:  # sum gradients, loss and token counts over processes (exact for 2^k)
+                acc = tree_map(lambda g: g * world, nn.average_gradients(acc))
+                loss_total, tok_total = mx.distributed.all_sum(loss_total), mx.distributed.all_sum(tok_total)
             norm = update(acc, tok_total)
-            mx.eval(state, loss_total, tok_total, norm)  # sync point: one per optimizer step
+            try:
+                mx.eval(state, loss_total, tok_total, norm)  # sync point: one per optimizer step
+            except RuntimeError as e:
+                if world == 1:
+                    raise
+                raise TrainingError(f"process {rank} of {world} lost contact with the others at step {loop.step + 1} "
+                                    f"({e}); another process stopped, see its error. Fix it and resume with "
+                                    "--resume") from None
             n_tok = int(tok_total.item())
             loss = loss_total.item() / max(n_tok, 1)
             if not math.isfinite(loss):
@@ -262,6 +313,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                                     f"{loop.batch_index - 1}); the last good checkpoint is kept in {run / 'checkpoints'}. "
                                     "Lower training.learning_rate or set training.max_grad_norm")
             loop.step += 1
+            if stall:
+                stall.beat(loop.step)
             loop.trained_tokens += n_tok
             step_losses.append(loss)
             lr = float(optimizer.learning_rate.item()) if hasattr(optimizer.learning_rate, "item") else optimizer.learning_rate
@@ -273,7 +326,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                     improved = loop.best_val_loss is None or val < loop.best_val_loss
                     if improved:
                         loop.best_val_loss, loop.best_step, loop.evals_since_best = val, loop.step, 0
-                        models.save_adapter(model, run / "adapters-best", adapter_cfg, base_ref, recipe.model)
+                        if primary:
+                            models.save_adapter(model, run / "adapters-best", adapter_cfg, base_ref, recipe.model)
                     else:
                         loop.evals_since_best += 1
                     reporter.eval(val, improved)
@@ -283,31 +337,106 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                         break
             if t.save_every and loop.step % t.save_every == 0 and not last:
                 save_checkpoint()
-            if guard and mx.get_active_memory() > guard[1]:
+            memory_full, signalled = _agree(world, guard is not None and mx.get_active_memory() > guard[1],
+                                            stop["signal"] is not None)
+            if memory_full:
                 path = save_checkpoint()
                 raise TrainingError(f"memory use reached {mx.get_active_memory() / 2**30:.1f} GiB, 95% of this Mac's "
                                     f"GPU budget ({guard[0] / 2**30:.1f} GiB), at step {loop.step}; saved {path}. "
                                     "Lower training.batch_size or data.max_seq_len, or turn on training.grad_checkpointing "
                                     "(`mlxft plan` shows what fits), then resume with --resume")
-            if stop["signal"]:
+            if signalled:
                 path = save_checkpoint()
-                raise TrainingError(f"stopped by {stop['signal']} at step {loop.step}; checkpoint {path}; "
+                raise TrainingError(f"stopped by {stop['signal'] or 'a signal to another process'} at step {loop.step}; checkpoint {path}; "
                                     "continue with `mlxft run RECIPE --resume`")
     finally:
+        if stall:
+            stall.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         reporter.close()
 
-    adapter_dir = models.save_adapter(model, run / "adapters", adapter_cfg, base_ref, recipe.model)
-    summary = reporter.finish(adapter_dir, n_trainable, n_total, splits.stats,
-                              peak_memory=mx.get_peak_memory())
+    adapter_dir = run / "adapters"
+    if primary:
+        models.save_adapter(model, adapter_dir, adapter_cfg, base_ref, recipe.model)
+    summary = reporter.finish(adapter_dir, n_trainable, n_total, splits.stats, peak_memory=mx.get_peak_memory(),
+                              extra={"world_size": world, "global_batch_size": t.batch_size * t.grad_accum})
     result = TrainResult(run, adapter_dir, summary, step_losses, model, tokenizer)
-    if recipe.export.to:
+    if recipe.export.to and primary:
         from .export import run_exports
 
         summary["exports"] = [str(p) for p in run_exports(recipe, run)]
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def _init_distributed(timeout: float | None = None):
+    """`mx.distributed.init()`, bounded: the ring backend waits forever for a peer that died
+    before connecting, so a watchdog ends this process with a clear message instead."""
+    import threading
+
+    import mlx.core as mx
+
+    timeout = timeout or float(os.environ.get("MLX_FT_CONNECT_TIMEOUT", "300"))
+
+    def give_up():
+        print(f"error: process {os.environ.get('MLX_RANK', '?')} could not connect to the other processes of "
+              f"the run within {timeout:.0f} s (MLX_FT_CONNECT_TIMEOUT); one of them failed to start, see its "
+              "error, or the hosts cannot reach each other", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    if os.environ.get("MLX_RANK") is not None:  # started by mlx.launch
+        watchdog.start()
+    try:
+        return mx.distributed.init()
+    finally:
+        watchdog.cancel()
+
+
+class _StallGuard:
+    """Ends a process of a distributed run that stops making progress.
+
+    When a peer dies mid-step, MLX's ring backend usually raises "connection to a peer was
+    lost", but we have seen the all-reduce wait forever instead (and a Python signal handler
+    cannot run while it does). A thread therefore ends this process with a clear message when no
+    step completes within max(MLX_FT_STALL_TIMEOUT, 20 x the slowest step so far) seconds."""
+
+    def __init__(self, rank: int, world: int):
+        import threading
+
+        self.rank, self.world, self.step = rank, world, 0
+        self.floor = float(os.environ.get("MLX_FT_STALL_TIMEOUT", "600"))
+        self.slowest, self.last = 0.0, time.monotonic()
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self, step: int) -> None:
+        now = time.monotonic()
+        self.slowest, self.last, self.step = max(self.slowest, now - self.last), now, step
+
+    def _watch(self) -> None:
+        while not self.done.wait(1.0):
+            limit = max(self.floor, 20 * self.slowest)
+            if time.monotonic() - self.last > limit:
+                print(f"error: process {self.rank} of {self.world} made no progress for {limit:.0f} s after step "
+                      f"{self.step}; another process of the run has probably died, see its error. Fix it and "
+                      "resume with --resume (MLX_FT_STALL_TIMEOUT sets the wait)", file=sys.stderr, flush=True)
+                os._exit(2)
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def _agree(world: int, *flags: bool) -> list[bool]:
+    """Stop decisions every process takes together: a flag raised on any process counts for all."""
+    if world == 1:
+        return list(flags)
+    import mlx.core as mx
+
+    votes = mx.distributed.all_sum(mx.array([float(f) for f in flags]))
+    return [v > 0 for v in votes.tolist()]
 
 
 def _fingerprint(samples) -> str:
