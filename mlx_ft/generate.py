@@ -39,25 +39,24 @@ class Generation:
 
 
 def load_for_generation(model: str | Path | None = None, adapter: str | Path | None = None):
-    """(model, tokenizer, description) for a base, a base + adapter, or a run directory.
+    """(model, tokenizer) for a base, a base + adapter, or a run directory.
 
     A run or adapter directory alone is enough: its adapter_config.json records the base model
     and how it was quantized. `model` then overrides the recorded base.
     """
-    from .models import find_adapter_dir, load_base, load_with_adapter
+    from .models import load_base, load_with_adapter
     from .recipe import ModelConfig
 
     if adapter is None and model is not None and _is_run_or_adapter(Path(model)):
         model, adapter = None, model  # `mlxft generate runs/demo`: the run names its base
     if adapter is not None:
-        m, tok, cfg = load_with_adapter(adapter, base_model=str(model) if model else None)
-        where = find_adapter_dir(adapter)
-        return m, tok, f"{model or cfg.get('base_model')} + adapter {where}"
+        m, tok, _ = load_with_adapter(adapter, base_model=str(model) if model else None)
+        return m, tok
     if model is None:
         raise ModelError("generate: give a model (hub id or directory), an adapter directory, or a run directory")
     m, tok, _ = load_base(ModelConfig(path=str(model)))
     m.eval()
-    return m, tok, str(model)
+    return m, tok
 
 
 def _is_run_or_adapter(path: Path) -> bool:
@@ -101,7 +100,7 @@ def generate(model, prompt: str, adapter: str | Path | None = None, chat: bool =
         model, tokenizer = model.model, model.tokenizer
         model.eval()  # adapter dropout off
     if tokenizer is None:
-        model, tokenizer, _ = load_for_generation(model, adapter)
+        model, tokenizer = load_for_generation(model, adapter)
     elif adapter is not None:
         raise ModelError("generate: `adapter` applies to a model given by id or path, not to a loaded model")
     text_prompt = build_prompt(tokenizer, prompt, chat or system is not None, system)
