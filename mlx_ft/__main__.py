@@ -1,5 +1,5 @@
 """`python -m mlx_ft ...` is `mlxft ...`."""
 
-from .cli import main
+from .cli import entry
 
-main()
+entry()
