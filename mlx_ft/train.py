@@ -16,9 +16,10 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -152,6 +153,62 @@ def _flat(recipe: Recipe) -> dict:
     return {f"{t}.{k}": v for t, table in recipe.to_dict().items() for k, v in table.items()}
 
 
+@dataclass
+class _Prepared:
+    """Everything `train` needs before its first step."""
+
+    run: Path
+    rank: int
+    world: int
+    model: object
+    tokenizer: object
+    splits: object
+    adapter_cfg: dict
+    base_ref: str  # what adapter_config.json records as the base: hub id or absolute local dir
+    exact_head: bool
+    optimizer: object
+    total_steps: int
+    meta: dict
+    loop: ckpt.LoopState
+    latest: Path | None
+    n_trainable: int
+    n_total: int
+
+
+def _prepare(recipe: Recipe, resume: bool, overwrite: bool) -> _Prepared:
+    """Processes, run directory, model, data, adapters, optimizer, and the checkpoint to resume."""
+    import mlx.core as mx
+
+    from . import data, losses, models
+
+    t, d = recipe.training, recipe.data
+    group = _init_distributed()  # a group of one unless started by mlx.launch
+    rank, world = group.rank(), group.size()
+    if t.batch_size % world:
+        raise TrainingError(f"training.batch_size: {t.batch_size} rows cannot be split evenly over {world} "
+                            f"processes; use a multiple of {world} (it is the global batch)")
+    run = prepare_run_dir(recipe, resume, overwrite, primary=rank == 0)
+    mx.random.seed(t.seed)
+    model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
+    splits = data.load_datasets(recipe, tokenizer)
+    adapter_cfg = models.apply_adapters(model, recipe.adapter)
+    is_local = model_dir == Path(recipe.model.path).expanduser() or recipe.model.path.startswith("builtin:")
+    base_ref = str(model_dir.resolve()) if is_local else recipe.model.path
+    exact_head = losses.check_architecture(model, packing=d.pack)
+    if t.grad_checkpointing:
+        losses.enable_grad_checkpointing(model)
+    n_trainable, n_total = models.count_parameters(model)
+    plans = data.epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
+    total_steps = t.steps or max(len(plans) // t.grad_accum, 1) * (t.epochs or 1)
+    optimizer = build_optimizer(t, total_steps)
+    optimizer.init(model.trainable_parameters())
+    meta = {"recipe": _flat(recipe), "data_fingerprint": _fingerprint(splits.train), "base_model": base_ref,
+            "world_size": world}
+    latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
+    return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, exact_head, optimizer,
+                     total_steps, meta, loop, latest, n_trainable, n_total)
+
+
 def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
           callbacks: list[Callback] = (), progress: bool = True) -> TrainResult:
     """Train as the recipe says; returns the run directory, adapter directory and summary.
@@ -165,57 +222,31 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    import numpy as np
     from mlx.utils import tree_map
 
     from . import data, losses, models
     from .report import Reporter
 
     t, d = recipe.training, recipe.data
-    resume = (t.resume == "auto") if resume is None else resume
-    group = _init_distributed()  # a group of one unless started by mlx.launch
-    rank, world = group.rank(), group.size()
-    primary = rank == 0
-    if t.batch_size % world:
-        raise TrainingError(f"training.batch_size: {t.batch_size} rows cannot be split evenly over {world} "
-                            f"processes; use a multiple of {world} (it is the global batch)")
-    run = prepare_run_dir(recipe, resume, overwrite, primary)
-    mx.random.seed(t.seed)
-    model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
-    splits = data.load_datasets(recipe, tokenizer)
-    adapter_cfg = models.apply_adapters(model, recipe.adapter)
-    base_ref = recipe.model.path if model_dir != Path(recipe.model.path).expanduser() and \
-        not recipe.model.path.startswith("builtin:") else str(model_dir.resolve())
-    exact_head = losses.check_architecture(model, packing=d.pack)
-    if t.grad_checkpointing:
-        losses.enable_grad_checkpointing(model)
-    n_trainable, n_total = models.count_parameters(model)
-
-    def plans_for(epoch: int):
-        return data.epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, epoch, d.shuffle)
-
-    micro_per_epoch = len(plans_for(0))
-    steps_per_epoch = max(micro_per_epoch // t.grad_accum, 1)
-    total_steps = t.steps or steps_per_epoch * (t.epochs or 1)
-    optimizer = build_optimizer(t, total_steps)
-    optimizer.init(model.trainable_parameters())
-    fingerprint = _fingerprint(splits.train)
-    meta = {"recipe": _flat(recipe), "data_fingerprint": fingerprint, "base_model": base_ref,
-            "world_size": world}
-    latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
+    p = _prepare(recipe, (t.resume == "auto") if resume is None else resume, overwrite)
+    run, rank, world, model, optimizer, loop = p.run, p.rank, p.world, p.model, p.optimizer, p.loop
+    splits, adapter_cfg, total_steps, primary = p.splits, p.adapter_cfg, p.total_steps, p.rank == 0
     if primary:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.resolved.toml").write_text(resolved_toml(recipe))
-    reporter = Reporter(run, total_steps, loop, callbacks, progress and primary, resumed=latest is not None,
+    reporter = Reporter(run, total_steps, loop, callbacks, progress and primary, resumed=p.latest is not None,
                         write=primary)
-    reporter.start(recipe, n_trainable, n_total, splits.stats, latest)
+    reporter.start(recipe, p.n_trainable, p.n_total, splits.stats, p.latest)
     if world > 1:
         reporter.echo(f"data parallel: {world} processes, global batch {t.batch_size} rows x grad_accum "
                       f"{t.grad_accum} ({t.batch_size // world} rows per process)")
 
+    def plans_for(epoch: int):
+        return data.epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, epoch, d.shuffle)
+
     # -- compiled steps -----------------------------------------------------------------------
     state = [model.state, optimizer.state, mx.random.state]
-    loss_fn = partial(losses.loss_sum, chunk_size=t.loss_chunk_size, exact_head=exact_head)
+    loss_fn = partial(losses.loss_sum, chunk_size=t.loss_chunk_size, exact_head=p.exact_head)
     grad_fn = nn.value_and_grad(model, loss_fn)
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -232,45 +263,15 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         optimizer.update(model, grads)
         return norm
 
-    def as_arrays(batch):
-        # collate pads rows to a multiple of 8, which keeps the compiled step's shapes few.
-        args = [mx.array(batch.tokens), mx.array(batch.mask)]
-        if batch.segments is not None:
-            args.append(mx.array(batch.segments))
-        return args
-
-    def evaluate() -> float | None:
-        if not splits.valid:
-            return None
-        plans = data.epoch_batches(splits.valid, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, False)
-        total, count = mx.array(0.0), mx.array(0.0)
-        for plan in plans[: t.eval_batches]:
-            rows, counts = _shard(plan, rank, world)
-            if counts:
-                s, n = loss_fn(model, *as_arrays(data.collate(splits.valid, rows, d.max_seq_len, d.pack)))
-                total, count = total + s, count + n
-        if world > 1:
-            total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
-        mx.eval(total, count)  # sync point: one per validation pass
-        return total.item() / max(count.item(), 1.0)
-
     def save_checkpoint() -> Path | None:
         if not primary:
             return None
         protect = {loop.best_step} if loop.best_step is not None else set()
-        path = ckpt.save(run, model, optimizer, loop, adapter_cfg, meta, t.keep_checkpoints, protect)
+        path = ckpt.save(run, model, optimizer, loop, adapter_cfg, p.meta, t.keep_checkpoints, protect)
         reporter.checkpoint(path)
         return path
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    handlers = {}
-    if _in_main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, on_signal)
+    stop = _StopSignals()
     guard = metal_memory_plan(mx.device_info()) if mx.metal.is_available() else None
     if guard:
         mx.set_wired_limit(guard[0])
@@ -290,7 +291,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                 batch = data.collate(splits.train, rows, d.max_seq_len, d.pack)
                 if not counts:
                     batch.mask[:] = False
-                loss_sum, n_tok, grads = micro_step(*as_arrays(batch))
+                loss_sum, n_tok, grads = micro_step(*_as_arrays(batch))
                 acc = grads if acc is None else tree_map(mx.add, acc, grads)
                 loss_total, tok_total = loss_total + loss_sum, tok_total + n_tok
                 loop.batch_index += 1
@@ -321,13 +322,13 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
             reporter.step(loss, n_tok, lr, float(norm.item()))
             last = loop.step == total_steps
             if t.eval_every and (loop.step % t.eval_every == 0) or (last and splits.valid):
-                val = evaluate()
+                val = _evaluate(model, loss_fn, splits.valid, recipe, rank, world)
                 if val is not None:
                     improved = loop.best_val_loss is None or val < loop.best_val_loss
                     if improved:
                         loop.best_val_loss, loop.best_step, loop.evals_since_best = val, loop.step, 0
                         if primary:
-                            models.save_adapter(model, run / "adapters-best", adapter_cfg, base_ref, recipe.model)
+                            models.save_adapter(model, run / "adapters-best", adapter_cfg, p.base_ref, recipe.model)
                     else:
                         loop.evals_since_best += 1
                     reporter.eval(val, improved)
@@ -338,7 +339,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
             if t.save_every and loop.step % t.save_every == 0 and not last:
                 save_checkpoint()
             memory_full, signalled = _agree(world, guard is not None and mx.get_active_memory() > guard[1],
-                                            stop["signal"] is not None)
+                                            stop.name is not None)
             if memory_full:
                 path = save_checkpoint()
                 raise TrainingError(f"memory use reached {mx.get_active_memory() / 2**30:.1f} GiB, 95% of this Mac's "
@@ -347,34 +348,83 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                                     "(`mlxft plan` shows what fits), then resume with --resume")
             if signalled:
                 path = save_checkpoint()
-                raise TrainingError(f"stopped by {stop['signal'] or 'a signal to another process'} at step {loop.step}; checkpoint {path}; "
+                raise TrainingError(f"stopped by {stop.name or 'a signal to another process'} at step {loop.step}; checkpoint {path}; "
                                     "continue with `mlxft run RECIPE --resume`")
     finally:
         if stall:
             stall.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        stop.restore()
         reporter.close()
 
     adapter_dir = run / "adapters"
     if primary:
-        models.save_adapter(model, adapter_dir, adapter_cfg, base_ref, recipe.model)
-    summary = reporter.finish(adapter_dir, n_trainable, n_total, splits.stats, peak_memory=mx.get_peak_memory(),
+        models.save_adapter(model, adapter_dir, adapter_cfg, p.base_ref, recipe.model)
+    summary = reporter.finish(adapter_dir, p.n_trainable, p.n_total, splits.stats, peak_memory=mx.get_peak_memory(),
                               extra={"world_size": world, "global_batch_size": t.batch_size * t.grad_accum})
-    result = TrainResult(run, adapter_dir, summary, step_losses, model, tokenizer)
+    result = TrainResult(run, adapter_dir, summary, step_losses, model, p.tokenizer)
     if recipe.export.to and primary:
         from .export import run_exports
 
-        summary["exports"] = [str(p) for p in run_exports(recipe, run)]
+        summary["exports"] = [str(path) for path in run_exports(recipe, run)]
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def _as_arrays(batch) -> list:
+    """A collated batch as the compiled step's arguments (collate pads rows to a multiple of 8,
+    which keeps the compiled step's shapes few)."""
+    import mlx.core as mx
+
+    args = [mx.array(batch.tokens), mx.array(batch.mask)]
+    if batch.segments is not None:
+        args.append(mx.array(batch.segments))
+    return args
+
+
+def _evaluate(model, loss_fn, samples, recipe: Recipe, rank: int, world: int) -> float | None:
+    """Mean validation loss per supervised token (over every process's share), or None."""
+    import mlx.core as mx
+
+    from . import data
+
+    if not samples:
+        return None
+    t, d = recipe.training, recipe.data
+    plans = data.epoch_batches(samples, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, False)
+    total, count = mx.array(0.0), mx.array(0.0)
+    for plan in plans[: t.eval_batches]:
+        rows, counts = _shard(plan, rank, world)
+        if counts:
+            s, n = loss_fn(model, *_as_arrays(data.collate(samples, rows, d.max_seq_len, d.pack)))
+            total, count = total + s, count + n
+    if world > 1:
+        total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
+    mx.eval(total, count)  # sync point: one per validation pass
+    return total.item() / max(count.item(), 1.0)
+
+
+class _StopSignals:
+    """Turns Ctrl-C and SIGTERM into a flag the loop checks after each step (it then saves a
+    checkpoint and stops); the previous handlers come back with `restore`."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals only work there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _init_distributed(timeout: float | None = None):
     """`mx.distributed.init()`, bounded: the ring backend waits forever for a peer that died
     before connecting, so a watchdog ends this process with a clear message instead."""
-    import threading
-
     import mlx.core as mx
 
     timeout = timeout or float(os.environ.get("MLX_FT_CONNECT_TIMEOUT", "300"))
@@ -404,8 +454,6 @@ class _StallGuard:
     step completes within max(MLX_FT_STALL_TIMEOUT, 20 x the slowest step so far) seconds."""
 
     def __init__(self, rank: int, world: int):
-        import threading
-
         self.rank, self.world, self.step = rank, world, 0
         self.floor = float(os.environ.get("MLX_FT_STALL_TIMEOUT", "600"))
         self.slowest, self.last = 0.0, time.monotonic()
@@ -448,9 +496,3 @@ def _fingerprint(samples) -> str:
         h.update(bytes(str(s.tokens), "ascii"))
         h.update(bytes(str(s.mask), "ascii"))
     return h.hexdigest()[:16]
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
