@@ -171,6 +171,8 @@ class Reporter:
         ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train")
         if va:
             ax.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", label="validation")
+        if all(r["loss"] > 0 for r in tr) and all(r["val_loss"] > 0 for r in va):
+            ax.set_yscale("log")  # the late, small improvements stay visible
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title(self.run.name)
