@@ -302,3 +302,53 @@ def test_metal_memory_plan_from_mac_values():
     assert wired == 115448725504
     assert stop_at == int(115448725504 * 0.95)
     assert metal_memory_plan({"memory_size": 25769803776}) is None  # CPU backend: no working set
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "adafactor"])
+def test_every_optimizer_trains(tmp_path, tiny_model_dir, chat_jsonl, optimizer):
+    lr = {"sgd": 0.5, "adafactor": 1e-2}.get(optimizer, 5e-3)
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl,
+                       training={"optimizer": optimizer, "learning_rate": lr, "steps": 10,
+                                 "grad_checkpointing": optimizer == "adam"})
+    result = train(load_recipe(path), progress=False)
+    assert result.losses[-1] < result.losses[0] - 0.3, result.losses
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.0, 0.5, 1.0, 2 / 3, 1 / 3, 0.0]),
+    ("cosine", [0.0, 0.5, 1.0, 0.75, 0.25, 0.0]),
+])
+def test_schedules_warm_up_then_decay(schedule, expected):
+    from mlx_ft.recipe import TrainingConfig
+    from mlx_ft.train import build_optimizer
+
+    opt = build_optimizer(TrainingConfig(learning_rate=1.0, warmup_steps=2, lr_schedule=schedule), total_steps=5)
+    opt.init({"w": mx.zeros((1,))})
+    lrs = []
+    for _ in range(6):  # the learning rate each optimizer step uses, steps 0..5
+        opt.apply_gradients({"w": mx.zeros((1,))}, {"w": mx.zeros((1,))})
+        lrs.append(opt.learning_rate.item())
+    assert lrs == pytest.approx(expected, abs=1e-6)
+
+
+def test_rslora_scale_and_moe_experts_train(tmp_path, chat_jsonl):
+    from conftest import chat_corpus, corpus_texts
+    from mlx_ft.models import lora_scale
+    from mlx_ft.recipe import AdapterConfig
+    from mlx_ft.tiny import build_tiny_model
+
+    assert lora_scale(AdapterConfig(rank=16, alpha=32)) == 2.0
+    assert lora_scale(AdapterConfig(rank=16, alpha=32, rslora=True)) == 8.0
+    moe = build_tiny_model(tmp_path / "moe", corpus_texts(chat_corpus(100)), family="qwen3_moe")
+    path = make_recipe(tmp_path, moe, chat_jsonl, adapter={"rslora": True})
+    result = train(load_recipe(path), progress=False)
+    keys = json.loads((result.adapter_dir / "adapter_config.json").read_text())["lora_parameters"]["keys"]
+    assert any("switch_mlp" in k for k in keys), keys  # the expert layers are adapted
+    assert result.losses[-1] < result.losses[0] - 0.3, result.losses
+
+
+def test_recipes_command_lists_bundled_recipes():
+    result = CliRunner().invoke(main, ["recipes"])
+    assert result.exit_code == 0
+    assert "demo.toml" in result.output and "The offline demo" in result.output
