@@ -89,6 +89,9 @@ GRID = [
     # calibration rows with a high length/width ratio, so the score factor is not confounded.
     ("llama-256-f32", dict(L=1024, layers=2, calib=True)),
     ("llama-384-bf16", dict(L=1024, layers=2, calib=True)),
+    # Added after the first held-out pass (row 21, QLoRA + checkpointing, over-predicted).
+    ("llama-384-bf16", dict(L=512, layers=2, ckpt=True, quant=4, calib=True)),
+    ("llama-384-bf16", dict(L=512, layers=6, ckpt=True, quant=4, calib=True)),
 ]
 QUICK = [16, 18, 21, 24, 27, 29]
 
@@ -183,7 +186,7 @@ def main() -> int:
         return 0
     idx = [int(i) for i in a.only.split(",")] if a.only else QUICK if a.quick else range(len(GRID))
     rows, worst, worst_held = [], 0.0, 0.0
-    print(f"{'#':>2} {'model':24} {'settings':48} {'measured MB':>11} {'predicted MB':>12} {'error':>7}")
+    print(f"{'#':>2} {'model':24} {'settings':48} {'measured MiB':>12} {'predicted MiB':>13} {'error':>7}")
     for i in idx:
         model, s = GRID[i]
         out = subprocess.run([sys.executable, __file__, "--one", str(i), "--cache", str(cache)],
@@ -198,7 +201,7 @@ def main() -> int:
         if not s.get("calib"):
             worst_held = max(worst_held, abs(err))
         tag = " (calib)" if s.get("calib") else ""
-        print(f"{i:>2} {model:24} {label(s):48} {r['measured'] / 2**20:11.1f} {r['predicted'] / 2**20:12.1f} "
+        print(f"{i:>2} {model:24} {label(s):48} {r['measured'] / 2**20:12.1f} {r['predicted'] / 2**20:13.1f} "
               f"{err * 100:+6.1f}%{tag}", flush=True)
         rows.append({"index": i, "model": model, "settings": s, **r, "error": err})
     print(f"worst error: {worst * 100:.1f}% (held-out rows: {worst_held * 100:.1f}%) over {len(rows)} configurations")

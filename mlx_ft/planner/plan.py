@@ -182,7 +182,7 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine) -> list[dict]:
     n_now = st.layers or shape.layers
     n = _largest(lambda k: _required(shape, replace(st, layers=k)) <= budget, 1, n_now - 1)
     if n:
-        add("adapter.layers", n, f"adapter.layers = {n} (adapt only the last {n} blocks)", replace(st, layers=n))
+        add("adapter.layers", n, f"adapter.layers = {n} (adapt only the last {n} block{'s' if n > 1 else ''})", replace(st, layers=n))
     if not any(s["fits"] for s in out):
         combo = replace(st, grad_checkpointing=True, quant_bits=st.quant_bits or (4 if st.method != "full" else None))
         b = next((b for b in range(st.batch_size, 0, -1) if _required(shape, replace(combo, batch_size=b)) <= budget), 1)
@@ -225,8 +225,9 @@ def count_epoch_tokens(recipe) -> tuple[int | None, str]:
         splits = load_datasets(recipe, tokenizer)
         d, t = recipe.data, recipe.training
         plans = epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
-        padded = sum(len(p) * row_width(splits.train, p, d.max_seq_len, d.pack) if not d.pack
-                     else t.batch_size * d.max_seq_len for p in plans)
+        # rows x width per batch; train.py pads unpacked widths up to a multiple of 32
+        padded = sum(len(p) * (-(-row_width(splits.train, p, d.max_seq_len, d.pack) // 32) * 32 if not d.pack
+                               else d.max_seq_len) for p in plans)
         real = sum(len(x.tokens) for x in splits.train)
         return int(padded), f"{real:,} dataset tokens, {padded:,} with padding, in {len(plans)} batches"
     except Exception as e:  # no tokenizer offline, data missing: the plan still stands without time
