@@ -96,21 +96,36 @@ def check_architecture(model, packing: bool) -> bool:
         ModelError: with `packing`, when a packed row's second sample would see the first.
     """
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    ref = model(x)
+    # The same operations in the same order: equal up to the dtype's rounding.
+    tol = 1e-4 if ref.dtype == mx.float32 else 2e-2
     try:
-        head_ok = bool(mx.allclose(_head(model, _hidden(model, x, None)), model(x), atol=1e-4, rtol=1e-3))
+        head_ok = bool(mx.allclose(_head(model, _hidden(model, x, None)), ref, atol=tol, rtol=tol))
     except (AttributeError, TypeError):
         head_ok = False
-    if packing:
-        seg = mx.array([[0, 0, 0, 1, 1, 1, 1, 1]])
-        try:
-            isolated = head_ok and bool(mx.allclose(_head(model, _hidden(model, x, seg))[:, 3:],
-                                                    model(x[:, 3:]), atol=1e-4, rtol=1e-3))
-        except (AttributeError, TypeError):
-            isolated = False
-        if not isolated:
-            raise ModelError(f"data.pack: {type(model).__module__} does not take mlx_ft's attention mask, so "
-                             "packed samples would attend to each other; set data.pack = false")
+    if packing and not _isolates_samples(model, x, head_ok):
+        raise ModelError(f"data.pack: {type(model).__module__} does not take mlx_ft's attention mask, so "
+                         "packed samples would attend to each other; set data.pack = false")
     return head_ok
+
+
+def _isolates_samples(model, x: mx.array, head_ok: bool) -> bool:
+    """Does the second of two packed samples give the logits it gives alone?
+
+    The explicit mask runs another attention kernel than the fused causal path, so in bf16 the
+    two differ by rounding (~1e-2). We therefore compare against a deliberate leak (one segment
+    spanning the row): isolation must be far closer to "alone" than the leak is."""
+    if not head_ok:
+        return False
+    try:
+        alone = model(x[:, 3:]).astype(mx.float32)
+        packed = _head(model, _hidden(model, x, mx.array([[0, 0, 0, 1, 1, 1, 1, 1]])))[:, 3:]
+        leaked = _head(model, _hidden(model, x, mx.zeros((1, 8), dtype=mx.int32)))[:, 3:]
+    except (AttributeError, TypeError):
+        return False
+    err = mx.abs(packed.astype(mx.float32) - alone).max().item()
+    leak = mx.abs(leaked.astype(mx.float32) - alone).max().item()
+    return err <= 0.1 * leak
 
 
 def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None = None,

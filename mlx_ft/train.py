@@ -256,7 +256,9 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grads, n_tok):
-        grads = tree_map(lambda g: g / mx.maximum(n_tok, 1.0), grads)  # token-normalised
+        # Token-normalised, in each gradient's own dtype: a float32 divisor would silently turn a
+        # bf16 full fine-tune's weights and optimizer state into float32 after the first update.
+        grads = tree_map(lambda g: g / mx.maximum(n_tok, 1.0).astype(g.dtype), grads)
         norm = mx.array(0.0)
         if t.max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)

@@ -21,9 +21,9 @@ from mlx_ft.recipe import _toml_value, load_recipe
 from mlx_ft.train import metal_memory_plan, train
 
 
-def make_recipe(tmp_path: Path, model_dir, data, name="r.toml", **sections) -> Path:
+def make_recipe(tmp_path: Path, model_dir, files, name="r.toml", **sections) -> Path:
     """Write a recipe for the tiny model; `sections` = {"training": {...}, ...} override defaults."""
-    train_file, valid_file = data
+    train_file, valid_file = files
     tables = {
         "model": {"path": str(model_dir)},
         "adapter": {"rank": 4, "alpha": 8.0},
@@ -352,3 +352,21 @@ def test_recipes_command_lists_bundled_recipes():
     result = CliRunner().invoke(main, ["recipes"])
     assert result.exit_code == 0
     assert "demo.toml" in result.output and "The offline demo" in result.output
+
+
+def test_bf16_base_stays_bf16_and_packs(tmp_path, tiny_model_dir, chat_jsonl):
+    """A bf16 full fine-tune keeps bf16 weights and optimizer state; packing is accepted in bf16."""
+    import shutil
+
+    bf16 = tmp_path / "bf16-model"
+    shutil.copytree(tiny_model_dir, bf16)
+    weights = {k: v.astype(mx.bfloat16) for k, v in mx.load(str(bf16 / "model.safetensors")).items()}
+    mx.save_safetensors(str(bf16 / "model.safetensors"), weights, metadata={"format": "pt"})
+    path = make_recipe(tmp_path, bf16, chat_jsonl, adapter={"method": "full"},
+                       data={"pack": True}, training={"steps": 4, "save_every": 3, "learning_rate": 1e-3})
+    result = train(load_recipe(path), progress=False)
+    assert result.losses[-1] < result.losses[0]
+    trained = mx.load(str(result.adapter_dir / "adapters.safetensors"))
+    assert {v.dtype for v in trained.values()} == {mx.bfloat16}
+    opt = mx.load(str(tmp_path / "run/checkpoints/step-000003/optimizer.safetensors"))
+    assert {v.dtype for k, v in opt.items() if k.endswith((".m", ".v"))} == {mx.bfloat16}
