@@ -12,7 +12,6 @@ model; each says where its value comes from.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from .configs import ModelShape
@@ -45,10 +44,6 @@ CKPT_RECOMPUTE_BLOCKS = 1.0
 PHASE_OVERLAP = 0.7
 """Share of the smaller of the loss and block-backward working sets alive at the larger's peak
 (MLX's scheduler starts some of the top block's backward work before the loss buffers are freed)."""
-FULL_FT_UPCASTS = True
-"""mlx_ft.train divides gradients by a float32 token count, which makes AdamW write float32
-weights back into the trained blocks of a bf16 base from step 2 on (measured: row 19 of the
-accuracy grid). Set False once the division keeps the gradient dtype."""
 HEADROOM_FIXED = 1 * GIB
 """Outside mx.get_peak_memory(): Python, Metal command buffers, the allocator cache [est]."""
 HEADROOM_FRACTION = 0.05
@@ -161,13 +156,6 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
 
     weights, quant = weight_bytes(shape, st)
     sk = 4 if shape.dtype_bytes >= 4 else 2  # the loss follows the head's (base) dtype
-    if st.method == "full" and FULL_FT_UPCASTS and shape.dtype_bytes < 4:
-        # The trained blocks become float32 after the first update, and with them everything
-        # downstream of them: their activations, scores, gradients and AdamW state.
-        weights += n_t * shape.block_params() * (4 - shape.dtype_bytes)
-        shape = dataclasses.replace(shape, dtype="float32")
-        notes.append("full fine-tuning: mlx_ft.train turns the trained blocks of a 16-bit base into float32 "
-                     "after the first step (gradients are divided by a float32 token count)")
     s = shape.dtype_bytes
     if st.method == "full":
         trainable = n_t * shape.block_params()
