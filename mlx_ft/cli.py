@@ -300,16 +300,21 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
 @click.option("--probe-seq-len", type=int, help="Row length of the probe [default: min(256, max_seq_len)].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--list-models", is_flag=True, help="List the bundled model configs and exit.")
+@click.option("--nodes", type=int, default=1, show_default=True,
+              help="Macs training data-parallel (mlx.launch); adds the expected speed-up.")
+@click.option("--link", type=click.Choice(["tb5", "tb4", "10gbe", "1gbe"]), default="tb5", show_default=True,
+              help="With --nodes: the link between the Macs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
 def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
-         tokens, budget_gb, probe, probe_seq_len, overrides, list_models, as_json):
+         tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
     \b
     Examples:
       mlxft plan recipes/demo.toml --machine m4-max-128
       mlxft plan --model Qwen/Qwen2.5-32B --method qlora --batch-size 2 --machine m4-max-64 --json
+      mlxft plan recipes/qwen32b-qlora.toml --machine m3-ultra-256 --nodes 2 --link tb5
     """
     import json
 
@@ -342,6 +347,7 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
                       seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
         p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
                        "no token count; pass --tokens N", budget_gb=budget_gb)
+    p = p.with_cluster(nodes, link)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
 
 

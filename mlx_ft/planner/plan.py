@@ -13,8 +13,8 @@ from .memory import Estimate, Settings, estimate
 def settings_from_recipe(recipe) -> Settings:
     """The memory-relevant choices of a Recipe, at the worst-case row length."""
     a, d, t, q = recipe.adapter, recipe.data, recipe.training, recipe.model.quantize
-    # train.py pads unpacked rows to a multiple of 32, then feeds tokens[:, :-1]
-    L = d.max_seq_len if d.pack else -(-d.max_seq_len // 32) * 32
+    # collate pads unpacked rows to a multiple of 8, then the loss feeds tokens[:, :-1]
+    L = d.max_seq_len if d.pack else -(-d.max_seq_len // 8) * 8
     return Settings(
         method=a.method, quant_bits=q.bits if q else None, quant_group=q.group_size if q else 64,
         rank=a.rank, layers=None if a.layers == "all" else int(a.layers),
@@ -38,6 +38,7 @@ class Plan:
     flops_per_token: float = 0.0
     tflops: float | None = None
     calibration: dict | None = None
+    cluster: dict | None = None  # several Macs: see `with_cluster`
 
     @property
     def peak_bytes(self) -> int:
@@ -74,10 +75,26 @@ class Plan:
             "seconds_per_epoch": self.seconds_per_epoch,
             "notes": self.estimate.notes,
             "calibration": self.calibration,
+            "cluster": self.cluster,
         }
 
     def render(self) -> str:
         return render(self)
+
+    def with_cluster(self, nodes: int, link: str) -> "Plan":
+        """Add the expected speed-up of `nodes` such Macs training data-parallel over `link`."""
+        from .cluster import cluster_estimate
+
+        if nodes < 2:
+            return self
+        if self.seconds_per_epoch is None or not self.tokens_per_epoch:
+            raise PlanError("--nodes needs a time estimate: give --tokens N (or a recipe whose data can be counted)")
+        st = self.settings
+        step_tokens = st.batch_size * st.grad_accum * (st.seq_len + 1)
+        step_seconds = self.seconds_per_epoch * step_tokens / self.tokens_per_epoch
+        grad_bytes = self.estimate.trainable_params * (self.shape.dtype_bytes if st.method == "full" else 4)
+        self.cluster = cluster_estimate(nodes, link, step_seconds, grad_bytes)
+        return self
 
     def __repr__(self) -> str:  # a notebook cell showing `plan(recipe)` prints the report
         return self.render()
@@ -276,6 +293,10 @@ def render(p: Plan) -> str:
                      f"at batch {c['batch_size']} x {c['seq_len']} tokens; activation terms scaled by {c['scale']:.3f}")
     lines.append("")
     lines.append(time_text(p))
+    if p.cluster:
+        from .cluster import cluster_text
+
+        lines.append(cluster_text(p.cluster))
     return "\n".join(lines)
 
 
