@@ -4,8 +4,10 @@ Two things here go beyond calling `model(tokens)`:
 
 * **Chunked cross-entropy.** The logits of a batch are `B x L x V` float32: 4 x 2048 x 152k is
   5 GB, usually the largest single allocation of a LoRA step. We run the model up to the final
-  norm, then project and score `chunk_size` positions at a time inside `mx.checkpoint`, so the
-  backward pass recomputes one chunk's logits instead of keeping all of them.
+  norm, then project and score `chunk_size` positions at a time. With a frozen head (every
+  adapter method) each chunk computes its loss and its gradient with respect to the hidden
+  states at once (`_fused_chunk`), so its logits are freed before the next chunk and never
+  recomputed; a trainable head falls back to `mx.checkpoint`, which recomputes them.
 * **Packed rows.** mlx-lm models build their causal mask from the KV cache object they are given
   (`cache.make_mask`). Handing every layer a `_MaskCache` whose `make_mask` returns a
   block-diagonal causal mask keeps each packed sample's attention inside that sample, for any
@@ -19,6 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ModelError
+
+
+# Upper bound on one chunk's float32 logits (rows x positions x vocab x 4 bytes); see _max_chunk.
+CHUNK_LOGITS_BYTES = 32 * 2**20
+MIN_CHUNK = 16
 
 
 class _MaskCache:
@@ -134,8 +141,9 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
 
     Args:
         tokens: int32 [B, L]; mask: bool [B, L], True where token t is a supervised target;
-        segments: int32 [B, L] packed-sample ids or None; chunk_size: positions per logits chunk
-        (0 = all at once); exact_head: False when `check_architecture` found that the
+        segments: int32 [B, L] packed-sample ids or None; chunk_size: at most this many positions
+        per logits chunk, fewer when one chunk's logits would pass CHUNK_LOGITS_BYTES (0 = all at
+        once, no cap); exact_head: False when `check_architecture` found that the
         hidden-state path differs from `model(x)` for this model (then full logits are used).
     Returns:
         (loss_sum, n_tokens): float32 scalars.
@@ -156,17 +164,77 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
         return (nn.losses.cross_entropy(logits, t_c) * w_c).sum()
 
     n = h.shape[1]
-    step = chunk_size if chunk_size and chunk_size < n else n
-    if step == n:
+    step = min(chunk_size, _max_chunk(model, h.shape[0])) if chunk_size else n
+    step = min(step, n)
+    head = _head_module(model)
+    fused = _head_is_frozen(model)
+    if not chunk_size or (step == n and not fused):
         return chunk_loss(h, targets, weights), weights.sum()
     total = mx.array(0.0, dtype=mx.float32)
     for s in range(0, n, step):
         t_c, w_c = targets[:, s:s + step], weights[:, s:s + step]
-        # Only h_c is an argument: mx.checkpoint differentiates every argument, and the integer
-        # targets have no gradient.
-        scored = mx.checkpoint(lambda h_c, t_c=t_c, w_c=w_c: chunk_loss(h_c, t_c, w_c))
-        total = total + scored(h[:, s:s + step])
+        if fused:
+            total = total + _fused_chunk(chunk_loss, h[:, s:s + step], t_c, w_c)
+        else:
+            # mx.checkpoint differentiates its arguments only: the head's trainable weights are
+            # passed in (and put back into the head) so they get their gradient; the integer
+            # targets are closed over, as they have none.
+            def inner(params, h_c, t_c=t_c, w_c=w_c):
+                head.update(params)
+                return chunk_loss(h_c, t_c, w_c)
+
+            total = total + mx.checkpoint(inner)(head.trainable_parameters(), h[:, s:s + step])
     return total, weights.sum()
+
+
+def _max_chunk(model, rows: int) -> int:
+    """Positions per chunk such that one chunk's float32 logits take at most CHUNK_LOGITS_BYTES.
+
+    MLX schedules ops ahead of the ones running (on the CPU backend a few dozen chunk-sized
+    buffers were alive at once), so the loss's memory grows with the chunk, not with the number
+    of chunks: measured on a 128k vocabulary, rows of 1024, batch 2, peak 4.6 GB at 512 positions,
+    2.2 GB at 64, 1.5 GB at 32 (docs/benchmarks.md). Chunks of 32 to 512 positions took the same
+    time within noise (same FLOPs; the matmuls stay large).
+    """
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed is None or not hasattr(embed, "weight"):
+        return 1 << 30
+    vocab = embed.weight.shape[0]
+    return max(MIN_CHUNK, CHUNK_LOGITS_BYTES // (4 * rows * vocab))
+
+
+def _head_module(model):
+    return model.lm_head if getattr(model, "lm_head", None) is not None else model.model.embed_tokens
+
+
+def _head_is_frozen(model) -> bool:
+    """True when nothing in the output projection is trained (LoRA, DoRA, and `full`, which trains
+    the blocks only): then the loss needs no gradient for the head's weights."""
+    from mlx.utils import tree_flatten
+
+    return not tree_flatten(_head_module(model).trainable_parameters())
+
+
+def _fused_chunk(chunk_loss, h_c: mx.array, t_c: mx.array, w_c: mx.array) -> mx.array:
+    """`chunk_loss(h_c, t_c, w_c)` whose gradient with respect to h_c is computed in the forward pass.
+
+    The chunk's logits are needed for the loss and for its gradient; computing both at once lets
+    them go before the next chunk, and the backward pass only scales the saved dL/dh_c [B, c, D]
+    by the incoming cotangent. That is two head matmuls per chunk, where recomputing the logits
+    under `mx.checkpoint` takes three, and no B x L x V array waits for the backward pass. The
+    head's weights get no gradient here, so this is used only when the head is frozen.
+    """
+
+    @mx.custom_function
+    def scored(h):
+        (loss,), (dh,) = mx.vjp(lambda x: [chunk_loss(x, t_c, w_c)], [h], [mx.array(1.0, dtype=mx.float32)])
+        return loss, dh
+
+    @scored.vjp
+    def scored_vjp(primals, cotangents, outputs):
+        return [(cotangents[0] * outputs[1]).astype(primals[0].dtype)]
+
+    return scored(h_c)[0]
 
 
 def enable_grad_checkpointing(model) -> None:

@@ -91,3 +91,30 @@ def test_every_tiny_family_supports_chunked_loss_and_packing(tmp_path, family):
     out = build_tiny_model(tmp_path / family, corpus_texts(chat_corpus(40)), family=family)
     model, _, _ = load_base(ModelConfig(path=str(out)))
     assert losses.check_architecture(model, packing=True) is True
+
+
+def test_trainable_head_falls_back_to_checkpointed_chunks(tiny_model_dir):
+    """With the head trained its weights need gradients, which the fused chunks do not give."""
+    model = adapted(tiny_model_dir)
+    model.lm_head.unfreeze()
+    assert not losses._head_is_frozen(model)
+    tokens, mask = batch(model.model.embed_tokens.weight.shape[0])
+    v0, g0 = value_and_grads(model, tokens, mask, chunk=0)
+    v1, g1 = value_and_grads(model, tokens, mask, chunk=7)
+    assert "lm_head.weight" in g1 and abs(v0.item() - v1.item()) <= 1e-4 * abs(v0.item())
+    for k in g0:
+        assert mx.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4).item(), k
+
+
+def test_chunk_is_capped_by_logits_bytes(tiny_model_dir, monkeypatch):
+    model = adapted(tiny_model_dir)
+    vocab = model.model.embed_tokens.weight.shape[0]
+    tokens, mask = batch(vocab)
+    v0, g0 = value_and_grads(model, tokens, mask, chunk=0)
+    monkeypatch.setattr(losses, "CHUNK_LOGITS_BYTES", 4 * 3 * vocab * 5)  # 5 positions of 3 rows
+    monkeypatch.setattr(losses, "MIN_CHUNK", 1)
+    assert losses._max_chunk(model, 3) == 5
+    v1, g1 = value_and_grads(model, tokens, mask, chunk=512)
+    assert abs(v0.item() - v1.item()) <= 1e-4 * abs(v0.item())
+    for k in g0:
+        assert mx.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4).item(), k
