@@ -136,7 +136,7 @@ def _isolates_samples(model, x: mx.array, head_ok: bool) -> bool:
 
 
 def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None = None,
-             chunk_size: int = 512, exact_head: bool = True):
+             chunk_size: int = 512, exact_head: bool = True, grad: bool = True):
     """Sum of masked next-token cross-entropies and the number of supervised tokens.
 
     Args:
@@ -144,7 +144,9 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
         segments: int32 [B, L] packed-sample ids or None; chunk_size: at most this many positions
         per logits chunk, fewer when one chunk's logits would pass CHUNK_LOGITS_BYTES (0 = all at
         once, no cap); exact_head: False when `check_architecture` found that the
-        hidden-state path differs from `model(x)` for this model (then full logits are used).
+        hidden-state path differs from `model(x)` for this model (then full logits are used);
+        grad: False when nothing will differentiate the result (validation): chunks then compute
+        their loss only, not the dL/dh that the fused chunks prepare for the backward pass.
     Returns:
         (loss_sum, n_tokens): float32 scalars.
     """
@@ -173,7 +175,9 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
     total = mx.array(0.0, dtype=mx.float32)
     for s in range(0, n, step):
         t_c, w_c = targets[:, s:s + step], weights[:, s:s + step]
-        if fused:
+        if not grad:
+            total = total + chunk_loss(h[:, s:s + step], t_c, w_c)
+        elif fused:
             total = total + _fused_chunk(chunk_loss, h[:, s:s + step], t_c, w_c)
         else:
             # mx.checkpoint differentiates its arguments only: the head's trainable weights are

@@ -397,7 +397,7 @@ def _evaluate(model, loss_fn, samples, recipe: Recipe, rank: int, world: int) ->
     for plan in plans[: t.eval_batches]:
         rows, counts = _shard(plan, rank, world)
         if counts:
-            s, n = loss_fn(model, *_as_arrays(data.collate(samples, rows, d.max_seq_len, d.pack)))
+            s, n = loss_fn(model, *_as_arrays(data.collate(samples, rows, d.max_seq_len, d.pack)), grad=False)
             total, count = total + s, count + n
     if world > 1:
         total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)

@@ -118,3 +118,11 @@ def test_chunk_is_capped_by_logits_bytes(tiny_model_dir, monkeypatch):
     assert abs(v0.item() - v1.item()) <= 1e-4 * abs(v0.item())
     for k in g0:
         assert mx.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4).item(), k
+
+
+def test_loss_without_gradient_equals_fused_loss(tiny_model_dir):
+    model = adapted(tiny_model_dir)
+    tokens, mask = batch(model.model.embed_tokens.weight.shape[0])
+    a, n = losses.loss_sum(model, tokens, mask, chunk_size=7)
+    b, m = losses.loss_sum(model, tokens, mask, chunk_size=7, grad=False)
+    assert n.item() == m.item() and abs(a.item() - b.item()) <= 1e-5 * abs(a.item())
