@@ -188,9 +188,11 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool) -> _Prepared:
         raise TrainingError(f"training.batch_size: {t.batch_size} rows cannot be split evenly over {world} "
                             f"processes; use a multiple of {world} (it is the global batch)")
     run = prepare_run_dir(recipe, resume, overwrite, primary=rank == 0)
-    mx.random.seed(t.seed)
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
     splits = data.load_datasets(recipe, tokenizer)
+    # Seeded here, after loading: building the builtin demo model on first use draws from the
+    # global RNG too, and the adapter's initial weights must depend on training.seed alone.
+    mx.random.seed(t.seed)
     adapter_cfg = models.apply_adapters(model, recipe.adapter)
     is_local = model_dir == Path(recipe.model.path).expanduser() or recipe.model.path.startswith("builtin:")
     base_ref = str(model_dir.resolve()) if is_local else recipe.model.path

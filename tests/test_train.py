@@ -370,3 +370,13 @@ def test_bf16_base_stays_bf16_and_packs(tmp_path, tiny_model_dir, chat_jsonl):
     assert {v.dtype for v in trained.values()} == {mx.bfloat16}
     opt = mx.load(str(tmp_path / "run/checkpoints/step-000003/optimizer.safetensors"))
     assert {v.dtype for k, v in opt.items() if k.endswith((".m", ".v"))} == {mx.bfloat16}
+
+
+def test_adapter_init_depends_on_the_seed_alone(tmp_path, chat_jsonl, monkeypatch):
+    """The first run of a builtin model builds it (drawing random weights); it must not shift
+    the adapter's initialisation compared with a later run that finds the model cached."""
+    monkeypatch.setenv("MLX_FT_CACHE", str(tmp_path / "cache"))
+    path = make_recipe(tmp_path, "builtin:tiny-llama", chat_jsonl, training={"steps": 2})
+    a = _adapter(train(load_recipe(path), progress=False).adapter_dir)  # builds the model
+    b = _adapter(train(load_recipe(path), overwrite=True, progress=False).adapter_dir)  # cached
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
