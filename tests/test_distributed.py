@@ -61,7 +61,10 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, chat_jsonl):
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-5 * max(a.values()), (a, b)
     wa = mx.load(str(one / "run/adapters/adapters.safetensors"))
     wb = mx.load(str(two / "run/adapters/adapters.safetensors"))
-    assert max(mx.abs(wa[k] - wb[k]).max().item() for k in wa) <= 1e-5
+    # Adam divides by sqrt(v): where a gradient is near zero, summation-order noise in it moves
+    # the update by a visible fraction of the learning rate, so compare against the weights' scale.
+    scale = max(mx.abs(wa[k]).max().item() for k in wa)
+    assert max(mx.abs(wa[k] - wb[k]).max().item() for k in wa) <= 1e-3 * scale
     # one writer: the same files as a single-process run, and no file from a second rank
     assert files_under(one / "run") == files_under(two / "run")
     summary = json.loads((two / "run/summary.json").read_text())
