@@ -163,7 +163,7 @@ def mlx_lm_config(sc: Scenario, b: dict, out: Path) -> Path:
 
 def mlx_ft_recipe(sc: Scenario, b: dict, out: Path, name: str, extra: dict) -> Path:
     training = {"batch_size": sc.batch_size, "epochs": 1, "learning_rate": sc.learning_rate,
-                "optimizer": "adam", "lr_schedule": "constant", "max_grad_norm": 1e9, "seed": 0,
+                "optimizer": "adam", "lr_schedule": "constant", "max_grad_norm": 0.0, "seed": 0,
                 "report_every": 10}
     data = {"train": str(Path(b["data"]) / "train.jsonl"), "train_on": "last", "max_seq_len": sc.max_seq_len}
     for key, v in extra.items():

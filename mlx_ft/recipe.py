@@ -127,8 +127,8 @@ class TrainingConfig:
     """Steps of linear warm-up from 0 to the peak learning rate."""
     min_lr_ratio: float = 0.0
     """Final learning rate of the cosine schedule, as a fraction of the peak."""
-    max_grad_norm: Optional[float] = 1.0
-    """Clip the global gradient norm to this value; omit to disable clipping."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: much less memory, ~30% slower."""
     loss_chunk_size: int = 512
@@ -501,7 +501,7 @@ def _check(r: Recipe) -> list[str]:
     need(t.weight_decay >= 0, f"training.weight_decay: must be >= 0, found {t.weight_decay}")
     need(t.warmup_steps >= 0, f"training.warmup_steps: must be >= 0, found {t.warmup_steps}")
     need(0 <= t.min_lr_ratio <= 1, f"training.min_lr_ratio: must be in [0, 1], found {t.min_lr_ratio}")
-    need(t.max_grad_norm is None or t.max_grad_norm > 0, f"training.max_grad_norm: must be > 0, found {t.max_grad_norm}")
+    need(t.max_grad_norm >= 0, f"training.max_grad_norm: must be >= 0 (0 = no clipping), found {t.max_grad_norm}")
     need(t.loss_chunk_size >= 0, f"training.loss_chunk_size: must be >= 0, found {t.loss_chunk_size}")
     need(t.report_every >= 1, f"training.report_every: must be >= 1, found {t.report_every}")
     for key in ("eval_every", "eval_batches", "save_every", "early_stopping_patience"):

@@ -262,7 +262,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         # bf16 full fine-tune's weights and optimizer state into float32 after the first update.
         grads = tree_map(lambda g: g / mx.maximum(n_tok, 1.0).astype(g.dtype), grads)
         norm = mx.array(0.0)
-        if t.max_grad_norm is not None:
+        if t.max_grad_norm:  # 0 = no clipping
             grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
         optimizer.update(model, grads)
         return norm
@@ -316,7 +316,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at step {loop.step + 1} (epoch {loop.epoch}, batch "
                                     f"{loop.batch_index - 1}); the last good checkpoint is kept in {run / 'checkpoints'}. "
-                                    "Lower training.learning_rate or set training.max_grad_norm")
+                                    "Lower training.learning_rate or set training.max_grad_norm (e.g. 1.0)")
             loop.step += 1
             if stall:
                 stall.beat(loop.step)
