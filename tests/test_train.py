@@ -380,3 +380,22 @@ def test_adapter_init_depends_on_the_seed_alone(tmp_path, chat_jsonl, monkeypatc
     a = _adapter(train(load_recipe(path), progress=False).adapter_dir)  # builds the model
     b = _adapter(train(load_recipe(path), overwrite=True, progress=False).adapter_dir)  # cached
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_lora_on_a_prequantized_checkpoint(tmp_path, tiny_model_dir, chat_jsonl):
+    """QLoRA on a base saved 4-bit (as mlx-community repos are), with nothing in [model] quantize."""
+    import contextlib
+    import io
+
+    from mlx_lm import convert
+
+    q4 = tmp_path / "tiny-4bit"
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(str(tiny_model_dir), str(q4), quantize=True, q_group_size=32, q_bits=4)
+    assert json.loads((q4 / "config.json").read_text())["quantization"]["bits"] == 4
+    result = train(load_recipe(make_recipe(tmp_path, q4, chat_jsonl)), progress=False)
+    assert result.summary["trainable_parameters"] == _param_count(tiny_model_dir, "lora")
+    assert result.losses[-1] < result.losses[0] - 0.5, result.losses
+    with pytest.raises(ModelError, match="'full' cannot train a quantized base"):
+        train(load_recipe(make_recipe(tmp_path, q4, chat_jsonl, name="full.toml", adapter={"method": "full"})),
+              overwrite=True, progress=False)
