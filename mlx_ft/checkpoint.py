@@ -7,7 +7,7 @@
         state.json              step, data position, best validation loss, data fingerprint,
                                 sha256 of every file above, the resolved recipe
 
-A checkpoint is written to `step-000200.tmp-*` and renamed, so a crash leaves either the whole
+A checkpoint is written to `.step-000200.tmp-*` and renamed, so a crash leaves either the whole
 directory or a temp name that is ignored. A file that does not match its recorded checksum (a
 truncated copy, a disk error) makes the checkpoint skipped with a warning in favour of the
 previous complete one.
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_dir
 from .errors import CheckpointError
 
 STATE = "state.json"
@@ -62,19 +61,12 @@ def save(run_dir: Path, model, optimizer, loop: LoopState, adapter_config: dict,
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / STATE).write_text(json.dumps({"loop": asdict(loop), "files": files, **recipe_meta}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _prune(root, keep, protect)
     return final
 
@@ -84,7 +76,7 @@ def _prune(root: Path, keep: int, protect: set[int]) -> None:
     for step in steps[:-keep]:
         if step not in protect:
             shutil.rmtree(root / f"step-{step:06d}", ignore_errors=True)
-    for stale in root.glob("step-*.tmp-*"):  # a temp dir left by a killed process
+    for stale in root.glob(".step-*.tmp-*"):  # a temp dir left by a killed process
         shutil.rmtree(stale, ignore_errors=True)
 
 

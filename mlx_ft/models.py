@@ -12,12 +12,11 @@ import contextlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from .atomic import atomic_dir
 from .errors import ModelError
 from .recipe import AdapterConfig, ModelConfig
 
@@ -193,20 +192,11 @@ def save_adapter(model, out_dir: str | Path, adapter_config: dict, base_model: s
     from mlx.utils import tree_flatten
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     config = {**adapter_config, "base_model": base_model,
               "quantize": asdict(model_cfg.quantize) if model_cfg.quantize else None}
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        weights = dict(tree_flatten(model.trainable_parameters()))
-        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights)
+    with atomic_dir(out_dir) as tmp:
+        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from .atomic import atomic_dir
 
 # ChatML, as Qwen uses it. Assistant turns end with <|im_end|> followed by a newline.
 CHATML_TEMPLATE = (
@@ -153,8 +153,7 @@ def build_tiny_model(
         raise ValueError(f"unknown tiny tokenizer {tokenizer!r}; known: bpe, spm")
     out_dir = Path(out_dir)
     texts = list(texts)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         if tokenizer == "bpe":
             tok = train_bpe_tokenizer(texts, vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
@@ -216,12 +215,6 @@ def build_tiny_model(
         })
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -1,19 +1,12 @@
-"""Writing exports safely: refuse to clobber, check free space first, write under a temp name.
-
-Every export is built next to its destination (same filesystem, so the final `os.replace` is
-atomic) and renamed only when complete: an interrupted export leaves at most a `*.tmp-*` entry,
-never a half-written file under the name the user asked for.
-"""
+"""Writing exports safely: refuse to clobber, check free space first, write under a temp name
+(`mlx_ft.atomic`)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
+from ..atomic import atomic_dir, atomic_file  # noqa: F401  (the export modules import them from here)
 from ..errors import ExportError
 
 # Headroom over the estimated size: metadata, tokenizer files, padding between tensors.
@@ -35,39 +28,3 @@ def check_disk(out: Path, needed_bytes: int) -> None:
     if free < needed:
         raise ExportError(f"not enough disk space for {out}: about {needed / 1e9:.2f} GB needed, "
                           f"{free / 1e9:.2f} GB free on {parent}; free space or choose another --out")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.is_dir() and not out.is_symlink():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    os.replace(tmp, out)
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp directory next to `out`; it becomes `out` only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(out: Path) -> Iterator[Path]:
-    """Yield a temp file path next to `out`; it becomes `out` only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
