@@ -200,8 +200,8 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool) -> _Prepared:
     if t.grad_checkpointing:
         losses.enable_grad_checkpointing(model)
     n_trainable, n_total = models.count_parameters(model)
-    plans = data.epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
-    total_steps = t.steps or max(len(plans) // t.grad_accum, 1) * (t.epochs or 1)
+    # The data stage already batched the first epoch for its report; one count serves both.
+    total_steps = t.steps or splits.stats["batching"]["steps_per_epoch"] * (t.epochs or 1)
     optimizer = build_optimizer(t, total_steps)
     optimizer.init(model.trainable_parameters())
     meta = {"recipe": _flat(recipe), "data_fingerprint": _fingerprint(splits.train), "base_model": base_ref,
@@ -322,8 +322,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                 stall.beat(loop.step)
             loop.trained_tokens += n_tok
             step_losses.append(loss)
-            lr = float(optimizer.learning_rate.item()) if hasattr(optimizer.learning_rate, "item") else optimizer.learning_rate
-            reporter.step(loss, n_tok, lr, float(norm.item()))
+            reporter.step(loss, n_tok, optimizer.learning_rate.item(), norm.item())
             last = loop.step == total_steps
             if t.eval_every and (loop.step % t.eval_every == 0) or (last and splits.valid):
                 val = _evaluate(model, loss_fn, splits.valid, recipe, rank, world)

@@ -399,3 +399,12 @@ def test_lora_on_a_prequantized_checkpoint(tmp_path, tiny_model_dir, chat_jsonl)
     with pytest.raises(ModelError, match="'full' cannot train a quantized base"):
         train(load_recipe(make_recipe(tmp_path, q4, chat_jsonl, name="full.toml", adapter={"method": "full"})),
               overwrite=True, progress=False)
+
+
+def test_steps_per_epoch_are_the_ones_the_data_report_gives(tmp_path, tiny_model_dir, chat_jsonl):
+    """10 batches with grad_accum 3 are 4 optimizer steps per epoch, in the loop as in the report."""
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl)
+    recipe = load_recipe(path, ["training.epochs=1", "training.grad_accum=3"])  # --set epochs drops steps
+    result = train(recipe, progress=False)
+    assert result.summary["data"]["batching"]["batches_per_epoch"] == 10  # 40 records, batch 4
+    assert result.summary["steps"] == result.summary["data"]["batching"]["steps_per_epoch"] == 4
