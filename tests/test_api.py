@@ -104,6 +104,16 @@ def test_plan_is_the_cli_plan(in_repo):
     text = CliRunner().invoke(main, ["plan", "recipes/qwen32b-qlora.toml", "--machine", "m4-max-128",
                                      "--tokens", "1000000"]).output
     assert text.strip() == p.render().strip()
+    page = p._repr_html_()  # Jupyter: the breakdown as a table, the verdict and the time
+    assert page.count("<tr>") == sum(1 for v in p.breakdown().values() if v) + 2
+    assert "fits with" in page.lower() and "time per epoch" in page and "<script" not in page
+
+
+def test_a_plan_that_does_not_fit_renders_its_advice_in_html(in_repo):
+    p = mlx_ft.plan(mlx_ft.load_recipe("recipes/llama3-8b-lora.toml"), machine="m4-pro-24", tokens=1_000_000)
+    assert not p.fits and p.suggestions
+    page = p._repr_html_()
+    assert "DOES NOT FIT" in page and "Any one of these fits" in page and "#cf222e" in page
 
 
 def test_inspect_data_is_the_cli_report(in_repo):

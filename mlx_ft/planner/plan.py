@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field, replace
 
 from ..errors import PlanError
@@ -96,8 +97,21 @@ class Plan:
         self.cluster = cluster_estimate(nodes, link, step_seconds, grad_bytes)
         return self
 
-    def __repr__(self) -> str:  # a notebook cell showing `plan(recipe)` prints the report
+    def __repr__(self) -> str:  # a terminal or `print(plan)` shows the report
         return self.render()
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the plan as a table of the breakdown between the header and the verdict."""
+        rows = [(k, _gib(v)) for k, v in self.breakdown().items() if v]
+        rows += [("<b>total peak</b>", f"<b>{_gib(self.peak_bytes).strip()}</b>"),
+                 ("machine budget", _gib(self.machine.budget_bytes))]
+        cells = "".join(f"<tr><td style='text-align:left'>{k}</td><td style='text-align:right'>{v.strip()}</td></tr>"
+                        for k, v in rows)
+        colour = "#1a7f37" if self.fits else "#cf222e"
+        verdict, *advice = _verdict_lines(self)
+        return (f"<pre>{html.escape(chr(10).join(_header_lines(self)))}</pre><table>{cells}</table>"
+                f"<p style='color:{colour}'><b>{html.escape(verdict)}</b></p>"
+                f"<pre>{html.escape(chr(10).join(advice + _tail_lines(self)).strip())}</pre>")
 
 
 def plan_model(model: str, settings: Settings, machine: str | Machine = "auto", tokens: int | None = None,
@@ -256,48 +270,59 @@ def _gib(n: float) -> str:
 
 
 def render(p: Plan) -> str:
+    lines = _header_lines(p) + [""]
+    for k, v in p.breakdown().items():
+        if v:
+            lines.append(f"  {k:<26} {_gib(v)}")
+    m = p.machine
+    lines += [f"  {'-' * 38}",
+              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {_gib(p.estimate.peak_bytes).strip()} + headroom)",
+              f"  {'machine budget':<26} {_gib(m.budget_bytes)}", ""]
+    return "\n".join(lines + _verdict_lines(p) + _tail_lines(p))
+
+
+def _header_lines(p: Plan) -> list[str]:
     st, sh, m = p.settings, p.shape, p.machine
     method = st.method + (f" on a {st.quant_bits}-bit base (QLoRA)" if st.quant_bits else
                           f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
     layers = "all" if st.layers is None else f"last {st.layers} of"
-    lines = [
+    return [
         f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params, {sh.layers} blocks; config: {sh.source})",
         f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size} x {st.seq_len + 1} tokens"
         f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
         f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
         f"machine  {m.name} ({m.chip}, {m.memory_bytes / 2**30:.0f} GiB); budget {m.budget_bytes / 2**30:.2f} GiB "
         f"= {m.budget_source}",
-        "",
     ]
-    for k, v in p.breakdown().items():
-        if v:
-            lines.append(f"  {k:<26} {_gib(v)}")
-    lines += [f"  {'-' * 38}",
-              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {_gib(p.estimate.peak_bytes).strip()} + headroom)",
-              f"  {'machine budget':<26} {_gib(m.budget_bytes)}", ""]
+
+
+def _verdict_lines(p: Plan) -> list[str]:
+    """The verdict, then what to change when it does not fit."""
     if p.fits:
-        lines.append(f"FITS with {_gib(p.margin_bytes).strip()} to spare ({p.margin_bytes / m.budget_bytes:.0%} of the budget)")
+        return [f"FITS with {_gib(p.margin_bytes).strip()} to spare ({p.margin_bytes / p.machine.budget_bytes:.0%} of the budget)"]
+    lines = [f"DOES NOT FIT: {_gib(-p.margin_bytes).strip()} over the budget"]
+    if p.suggestions:
+        lines.append("Any one of these fits:")
+        lines += [f"  - {s['text']}" + ("" if s["change"] == "iogpu.wired_limit_mb" else
+                  f"  -> {_gib(s['peak_bytes']).strip()}") for s in p.suggestions]
     else:
-        lines.append(f"DOES NOT FIT: {_gib(-p.margin_bytes).strip()} over the budget")
-        if p.suggestions:
-            lines.append("Any one of these fits:")
-            lines += [f"  - {s['text']}" + ("" if s["change"] == "iogpu.wired_limit_mb" else
-                      f"  -> {_gib(s['peak_bytes']).strip()}") for s in p.suggestions]
-        else:
-            lines.append("No single change fits; this model needs a machine with more memory.")
-    for note in p.estimate.notes:
-        lines.append(f"note: {note}")
+        lines.append("No single change fits; this model needs a machine with more memory.")
+    return lines
+
+
+def _tail_lines(p: Plan) -> list[str]:
+    """Notes, the probe's correction, the time per epoch and the several-Macs estimate."""
+    lines = [f"note: {note}" for note in p.estimate.notes]
     if p.calibration:
         c = p.calibration
         lines.append(f"probe: measured {c['measured_bytes'] / 2**20:.0f} MiB vs predicted {c['predicted_bytes'] / 2**20:.0f} MiB "
                      f"at batch {c['batch_size']} x {c['seq_len']} tokens; activation terms scaled by {c['scale']:.3f}")
-    lines.append("")
-    lines.append(time_text(p))
+    lines += ["", time_text(p)]
     if p.cluster:
         from .cluster import cluster_text
 
         lines.append(cluster_text(p.cluster))
-    return "\n".join(lines)
+    return lines
 
 
 def time_text(p: Plan) -> str:
