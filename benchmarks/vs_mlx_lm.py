@@ -20,9 +20,9 @@ a small child wrapper (`--child`) that measures them the same way:
 
 Matched settings: same base weights, LoRA rank, scale (mlx_ft alpha = scale x rank), targets (every
 linear layer of the adapted blocks, mlx_lm's default) and number of adapted blocks, batch size,
-max length, Adam with the same constant learning rate, seed 0, no dropout. mlx_lm.lora has no
-gradient clipping; mlx_ft's recipe cannot switch clipping off from TOML, so it is set to 1e9, a
-norm the runs never reach (the update is the one without clipping). The data are single-turn
+max length, Adam with the same constant learning rate, seed 0, no dropout, no gradient clipping
+(mlx_lm.lora has none; mlx_ft's `max_grad_norm = 0`). mlx_ft runs with its default
+`loss_normalization = "epoch"`; the skewed scenario also runs `"step"`, mlx_lm.lora's way. The data are single-turn
 chats, and mlx_lm runs with `mask_prompt` while mlx_ft uses `train_on = "last"`, so both supervise
 the answer. One epoch is n_train / batch_size micro-steps for mlx_lm (n_train is a multiple of the
 batch size, so it drops nothing) and `epochs = 1` for mlx_ft.
@@ -78,7 +78,8 @@ def scenarios(smoke: bool) -> list[Scenario]:
     return [
         Scenario("skewed", "chat, 85% short (~30-70 tokens), 15% long (~250-1000)", base, "skewed",
                  256, 64, 4, 1024,
-                 variants={"mlx_ft": {}, "mlx_ft packed": {"data.pack": True, "training.batch_size": 1}}),
+                 variants={"mlx_ft": {}, "mlx_ft packed": {"data.pack": True, "training.batch_size": 1},
+                           "mlx_ft step-norm": {"training.loss_normalization": "step"}}),
         Scenario("uniform", "chat, every sample 136-144 tokens (nothing to pack or bucket)", base, "uniform",
                  256, 64, 4, 256),
         Scenario("vocab", "vocabulary 131072, rows of ~1000 tokens: logits dominate memory",

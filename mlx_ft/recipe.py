@@ -110,7 +110,13 @@ class TrainingConfig:
     batch_size: int = 4
     """Rows per micro-batch (packed rows when `data.pack`)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; the loss is normalised by their total supervised tokens."""
+    """Micro-batches per optimizer step; their summed gradients are divided as
+    `loss_normalization` says (not averaged per micro-batch)."""
+    loss_normalization: Literal["step", "epoch"] = "epoch"
+    """What each optimizer step's summed token losses are divided by. `step`: that step's own
+    supervised tokens, so every step weighs the same (mlx-lm's way). `epoch`: the mean supervised
+    tokens per step over an epoch, so every token weighs the same: a step of short samples (which
+    length bucketing groups together) makes a proportionally smaller update."""
     epochs: Optional[int] = None
     """Passes over the training data. Give `epochs` or `steps`; neither means 1 epoch."""
     steps: Optional[int] = None

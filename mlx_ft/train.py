@@ -1,8 +1,9 @@
 """The training loop: one readable function, `train(recipe)`.
 
 It loads the model and data, injects adapters, then runs compiled micro-steps whose gradients are
-summed over `grad_accum` micro-batches and divided by the number of supervised tokens in all of
-them (not a mean of per-batch means), clips, updates, and at fixed steps reports, evaluates and
+summed over `grad_accum` micro-batches and divided by a token count (not a mean of per-batch
+means): by default the mean supervised tokens per step of an epoch, so every token weighs the
+same (`training.loss_normalization`), clips, updates, and at fixed steps reports, evaluates and
 checkpoints. Everything needed to continue exactly (weights, optimizer state, data position, the
 RNG, which is re-seeded from (seed, step) every step) is in each checkpoint, so a resumed run
 produces the same losses as an uninterrupted one.
@@ -256,11 +257,18 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         (loss_sum, n_tok), grads = grad_fn(model, tokens, mask, *segments)
         return loss_sum, n_tok, grads
 
+    # loss_normalization "epoch": every step divides by one number, the epoch's supervised targets
+    # (a sample's first token is never one) per optimizer step; "step": by the step's own count.
+    epoch_divisor = None
+    if t.loss_normalization == "epoch":
+        targets = sum(sum(s.mask[1:]) for s in splits.train)
+        epoch_divisor = mx.array(targets / splits.stats["batching"]["steps_per_epoch"], dtype=mx.float32)
+
     @partial(mx.compile, inputs=state, outputs=state)
-    def update(grads, n_tok):
-        # Token-normalised, in each gradient's own dtype: a float32 divisor would silently turn a
-        # bf16 full fine-tune's weights and optimizer state into float32 after the first update.
-        grads = tree_map(lambda g: g / mx.maximum(n_tok, 1.0).astype(g.dtype), grads)
+    def update(grads, divisor):
+        # In each gradient's own dtype: a float32 divisor would silently turn a bf16 full
+        # fine-tune's weights and optimizer state into float32 after the first update.
+        grads = tree_map(lambda g: g / mx.maximum(divisor, 1.0).astype(g.dtype), grads)
         norm = mx.array(0.0)
         if t.max_grad_norm:  # 0 = no clipping
             grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
@@ -302,7 +310,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
             if world > 1:  # sum gradients, loss and token counts over processes (exact for 2^k)
                 acc = tree_map(lambda g: g * world, nn.average_gradients(acc))
                 loss_total, tok_total = mx.distributed.all_sum(loss_total), mx.distributed.all_sum(tok_total)
-            norm = update(acc, tok_total)
+            norm = update(acc, tok_total if epoch_divisor is None else epoch_divisor)
             try:
                 mx.eval(state, loss_total, tok_total, norm)  # sync point: one per optimizer step
             except RuntimeError as e:

@@ -408,3 +408,25 @@ def test_steps_per_epoch_are_the_ones_the_data_report_gives(tmp_path, tiny_model
     result = train(recipe, progress=False)
     assert result.summary["data"]["batching"]["batches_per_epoch"] == 10  # 40 records, batch 4
     assert result.summary["steps"] == result.summary["data"]["batching"]["steps_per_epoch"] == 4
+
+
+def test_loss_normalization_sets_the_gradient_divisor(tmp_path, tiny_model_dir, chat_jsonl):
+    """One SGD step from LoRA's zero B: B = -lr x (summed gradient) / divisor, so the two
+    normalisations' B differ by exactly (the step's supervised tokens) / (the epoch's mean per step)."""
+    runs = {}
+    for norm in ("step", "epoch"):
+        path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl, name=f"{norm}.toml",
+                           adapter={"rank": 4, "alpha": 8.0, "dropout": 0.0},
+                           training={"steps": 1, "optimizer": "sgd", "learning_rate": 1.0, "max_grad_norm": 0,
+                                     "report_every": 1, "loss_normalization": norm},
+                           output={"dir": str(tmp_path / norm)})
+        result = train(load_recipe(path), progress=False)
+        b = {k: v for k, v in mx.load(str(result.adapter_dir / "adapters.safetensors")).items() if "lora_b" in k}
+        runs[norm] = (b, train_rows(result.run_dir)[0]["tokens"], result.summary["data"])
+    (b_step, step_tokens, stats), (b_epoch, _, _) = runs["step"], runs["epoch"]
+    mean_per_step = stats["train"]["supervised_tokens"] / stats["batching"]["steps_per_epoch"]
+    assert step_tokens != pytest.approx(mean_per_step, rel=0.05)  # the two really differ here
+    for k, v in b_step.items():
+        assert mx.abs(v).max().item() > 0
+        np.testing.assert_allclose(np.array(b_epoch[k]), np.array(v) * step_tokens / mean_per_step,
+                                   rtol=1e-4, atol=1e-7)
