@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import mlx.core as mx
@@ -62,7 +63,7 @@ def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_
     run = tmp_path / "run"
     ckpt_files = {"adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json"}
     assert files_under(run) == (
-        {"recipe.resolved.toml", "metrics.jsonl", "summary.json", "loss.png"}
+        {"recipe.resolved.toml", "metrics.jsonl", "summary.json", "loss.svg"}
         | {f"adapters/{f}" for f in ADAPTER_FILES} | {f"adapters-best/{f}" for f in ADAPTER_FILES}
         | {f"checkpoints/step-{s:06d}/{f}" for s in (4, 8) for f in ckpt_files}
     )
@@ -79,7 +80,9 @@ def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_
         assert summary[key] is not None, key
     assert summary["steps"] == 12 and summary["trainable_parameters"] == 8192
     assert summary["peak_memory_bytes"] > 0
-    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = ET.parse(run / "loss.svg").getroot()  # one point per train report, one per evaluation
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert [len(line.get("points").split()) for line in lines] == [6, 2]
     state = json.loads((run / "checkpoints/step-000008/state.json").read_text())
     assert state["loop"]["step"] == 8 and state["recipe"]["adapter.rank"] == 4
 
