@@ -1,11 +1,12 @@
 """mlx_ft vs mlx_lm.lora, same model, data and settings, run alternately: the table in docs/benchmarks.md.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 HF_HUB_OFFLINE=1 \\
-        python benchmarks/vs_mlx_lm.py [--repeats 2] [--only skewed,uniform] [--smoke] [--json out.json]
+        python benchmarks/vs_mlx_lm.py [--repeats 3] [--only skewed,uniform] [--smoke] [--json out.json]
 
 For each scenario it builds a random model (mlx_ft.tiny) and a chat dataset offline, then runs one
 epoch with `mlx_lm.lora` and with `mlxft run` in turn (A B A B ...), each in its own process, and
-prints the median of each measure and the ratio mlx_ft / mlx_lm. Both tools run in-process inside
+prints the median time and peak, the mean held-out loss over the rounds (round i trains with seed
++ i) and the ratios mlx_ft / mlx_lm. Both tools run in-process inside
 a small child wrapper (`--child`) that measures them the same way:
 
 * epoch time: wall clock from "model loaded" (mlx_lm.utils.load returned) to "adapter written"
@@ -20,7 +21,7 @@ a small child wrapper (`--child`) that measures them the same way:
 
 Matched settings: same base weights, LoRA rank, scale (mlx_ft alpha = scale x rank), targets (every
 linear layer of the adapted blocks, mlx_lm's default) and number of adapted blocks, batch size,
-max length, Adam with the same constant learning rate, seed 0, no dropout, no gradient clipping
+max length, Adam with the same constant learning rate, the same seed (`--seed`, 0), no dropout, no gradient clipping
 (mlx_lm.lora has none; mlx_ft's `max_grad_norm = 0`). mlx_ft runs with its default
 `loss_normalization = "epoch"`; the skewed scenario also runs `"step"`, mlx_lm.lora's way. The data are single-turn
 chats, and mlx_lm runs with `mask_prompt` while mlx_ft uses `train_on = "last"`, so both supervise
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -59,6 +60,8 @@ class Scenario:
     scale: float = 2.0
     layers: int = 4
     learning_rate: float = 1e-3
+    seed: int = 0
+    """Training seed of both tools (adapter init, batch order); the data stay the same."""
     variants: dict = field(default_factory=lambda: {"mlx_ft": {}})
     """mlx_ft runs compared with the one mlx_lm run: name -> recipe keys set on top ("data.pack": True)."""
 
@@ -154,7 +157,7 @@ def mlx_lm_config(sc: Scenario, b: dict, out: Path) -> Path:
         "optimizer": "adam", "mask_prompt": True, "num_layers": sc.layers, "batch_size": sc.batch_size,
         "iters": sc.n_train // sc.batch_size, "val_batches": 0, "steps_per_eval": 10**9,
         "steps_per_report": 10, "save_every": 10**9, "learning_rate": sc.learning_rate,
-        "max_seq_length": sc.max_seq_len, "adapter_path": str(out / "adapters"), "seed": 0,
+        "max_seq_length": sc.max_seq_len, "adapter_path": str(out / "adapters"), "seed": sc.seed,
         "lora_parameters": {"rank": sc.rank, "scale": sc.scale, "dropout": 0.0},
     }
     path = out / "mlx_lm.yaml"
@@ -164,7 +167,7 @@ def mlx_lm_config(sc: Scenario, b: dict, out: Path) -> Path:
 
 def mlx_ft_recipe(sc: Scenario, b: dict, out: Path, name: str, extra: dict) -> Path:
     training = {"batch_size": sc.batch_size, "epochs": 1, "learning_rate": sc.learning_rate,
-                "optimizer": "adam", "lr_schedule": "constant", "max_grad_norm": 0.0, "seed": 0,
+                "optimizer": "adam", "lr_schedule": "constant", "max_grad_norm": 0.0, "seed": sc.seed,
                 "report_every": 10}
     data = {"train": str(Path(b["data"]) / "train.jsonl"), "train_on": "last", "max_seq_len": sc.max_seq_len}
     for key, v in extra.items():
@@ -260,13 +263,19 @@ COLUMNS = ["scenario", "tool", "epoch s", "sup tok/s", "peak MB", "valid loss"]
 def table(rows: list[dict]) -> str:
     """Markdown table: per scenario the mlx_lm.lora row, then each mlx_ft run and its ratio to it.
 
-    Times are medians over the repeats; the time ratio is the median of the per-pair ratios.
+    Times are medians over the repeats; the time ratio is the median of the per-pair ratios. Each
+    repeat trains with its own seed: losses are means, the loss ratio is the mean of the per-seed
+    ratios (their range in brackets).
     """
     out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
 
     def line(scenario, tool, m):
         return (f"| {scenario} | {tool} | {m['time']:.1f} | {m['tok_s']:.0f} | {m['peak'] / 2**20:.0f} | "
                 f"{m['valid_loss']:.4f} |")
+
+    def spread(m):
+        lo, hi = m["loss_ratio_range"]
+        return f" ({lo:.3f}-{hi:.3f})" if hi > lo else ""
 
     for r in rows:
         a = r["runs"]["mlx_lm"]
@@ -277,16 +286,17 @@ def table(rows: list[dict]) -> str:
             out.append(line(r["scenario"], name, b))
             out.append(f"| {r['scenario']} | **{name} / mlx_lm** | **{b['time_ratio']:.2f}x** | "
                        f"**{1 / b['time_ratio']:.2f}x** | **{b['peak'] / a['peak']:.2f}x** | "
-                       f"**{b['valid_loss'] / a['valid_loss']:.3f}x** |")
+                       f"**{b['loss_ratio']:.3f}x**{spread(b)} |")
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=2, help="A B rounds per scenario (medians reported)")
+    ap.add_argument("--repeats", type=int, default=3, help="A B rounds per scenario, round i with seed + i")
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--smoke", action="store_true", help="tiny models and data: checks the script, not speed")
     ap.add_argument("--json", help="also write the raw measurements here")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the first round (data unchanged)")
     ap.add_argument("--workdir", help="keep models, data and runs here (default: a temp dir)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -294,11 +304,11 @@ def main() -> None:
         tool, config, model_dir, valid, msl = args.child
         return child(tool, config, model_dir, valid, int(msl))
 
-    chosen = scenarios(args.smoke)
+    chosen = [replace(sc, seed=args.seed) for sc in scenarios(args.smoke)]
     if args.only:
         keep = args.only.split(",")
         chosen = [s for s in chosen if s.name in keep]
-    repeats = 1 if args.smoke and args.repeats == 2 else args.repeats
+    repeats = 1 if args.smoke and args.repeats == 3 else args.repeats
     tmp = tempfile.TemporaryDirectory(prefix="mlxft-bench-") if not args.workdir else None
     root = Path(args.workdir or tmp.name)
     results = []
@@ -307,24 +317,33 @@ def main() -> None:
         b = build(sc, d)
         print(f"== {sc.name}: {sc.what}; {sc.n_train} samples, {b['tokens']} tokens "
               f"({b['len_min']}-{b['len_max']}, mean {b['len_mean']:.0f}), {b['supervised']} supervised", flush=True)
-        configs = {"mlx_lm": mlx_lm_config(sc, b, d)}
-        for name, extra in sc.variants.items():
-            configs[name] = mlx_ft_recipe(sc, b, d, name, extra)
-        runs = {name: [] for name in configs}
+        runs = {name: [] for name in ["mlx_lm", *sc.variants]}
         for i in range(repeats):
+            # Round i trains with seed + i (both tools alike): the loss ratio is then measured over
+            # several seeds, since one seed's held-out loss moves by ~0.5 % with the batch order.
+            rnd = replace(sc, seed=sc.seed + i)
+            out = d / f"seed{rnd.seed}"
+            out.mkdir(parents=True, exist_ok=True)
+            configs = {"mlx_lm": mlx_lm_config(rnd, b, out)}
+            configs |= {name: mlx_ft_recipe(rnd, b, out, name, extra) for name, extra in sc.variants.items()}
             for name, config in configs.items():  # alternate: A B A B (A B C A B C with variants)
                 m = run_child("mlx_lm" if name == "mlx_lm" else "mlx_ft", config, b, sc)
                 runs[name].append(m)
-                print(f"   {i + 1}/{repeats} {name:14s} {m['time']:7.2f} s  peak {m['peak'] / 2**20:7.0f} MB  "
-                      f"valid loss {m['valid_loss']:.4f}", flush=True)
+                print(f"   {i + 1}/{repeats} seed {rnd.seed} {name:16s} {m['time']:7.2f} s  peak "
+                      f"{m['peak'] / 2**20:7.0f} MB  valid loss {m['valid_loss']:.4f}", flush=True)
         row = {"scenario": sc.name, "setup": {**asdict(sc), **b}, "runs": {}}
         for name, ms in runs.items():
             t = statistics.median(m["time"] for m in ms)
-            # Time ratio of each A B pair (same minutes of a shared machine), then their median.
-            paired = statistics.median(m["time"] / a["time"] for m, a in zip(ms, runs["mlx_lm"]))
-            row["runs"][name] = {"time": t, "tok_s": b["supervised"] / t, "time_ratio": paired,
+            base = runs["mlx_lm"]
+            # Time ratio of each A B pair (same minutes of a shared machine), then their median;
+            # loss ratio of each pair (same seed), then their mean and range.
+            loss_ratios = [m["valid_loss"] / a["valid_loss"] for m, a in zip(ms, base)]
+            row["runs"][name] = {"time": t, "tok_s": b["supervised"] / t,
+                                 "time_ratio": statistics.median(m["time"] / a["time"] for m, a in zip(ms, base)),
                                  "peak": statistics.median(m["peak"] for m in ms),
-                                 "valid_loss": statistics.median(m["valid_loss"] for m in ms), "all": ms}
+                                 "valid_loss": statistics.mean(m["valid_loss"] for m in ms),
+                                 "loss_ratio": statistics.mean(loss_ratios),
+                                 "loss_ratio_range": [min(loss_ratios), max(loss_ratios)], "all": ms}
         results.append(row)
     print()
     print(table(results))
