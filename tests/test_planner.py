@@ -63,6 +63,19 @@ def test_memory_model_mechanisms():
         i * o for i, o in sh.linears().values()) * 2
 
 
+def test_loss_chunk_mirrors_mlx_ft_losses():
+    """The planner models the chunk mlx_ft.losses picks (its cap is copied, not imported: no mlx)."""
+    from mlx_ft import losses
+    from mlx_ft.planner import memory
+
+    assert (memory.CHUNK_LOGITS_BYTES, memory.MIN_CHUNK) == (losses.CHUNK_LOGITS_BYTES, losses.MIN_CHUNK)
+    sh = load_shape("Qwen/Qwen2.5-7B")  # 152,064-entry vocabulary
+    assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=512)) == 55
+    assert memory.loss_chunk_positions(sh, Settings(batch_size=8, seq_len=4095, loss_chunk=512)) == losses.MIN_CHUNK
+    assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=40, loss_chunk=512)) == 40
+    assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=0)) == 4095
+
+
 @pytest.mark.parametrize("model,params", [
     ("meta-llama/Llama-3.1-8B", 8.03e9), ("meta-llama/Llama-3.1-70B", 70.55e9), ("Qwen/Qwen2.5-7B", 7.62e9),
     ("Qwen/Qwen2.5-32B", 32.76e9), ("Qwen/Qwen3-8B", 8.19e9), ("mistralai/Mistral-7B-v0.3", 7.25e9),

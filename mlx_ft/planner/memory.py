@@ -18,32 +18,55 @@ from .configs import ModelShape
 
 GIB = 2**30
 
-# --- Calibrated framework constants (measured on MLX 0.32 CPU backend; benchmarks/planner_accuracy.py)
+# --- Framework constants, measured on MLX 0.32.4's CPU backend. "Mechanisms X" below means
+# `benchmarks/planner_accuracy.py --mechanisms X`, which isolates one term (one adapted block; a
+# vocabulary, chunk, row length or layer count varied); docs/planner.md has the figures.
 BACKWARD_ACT_FACTOR = 1.6
 """The backward pass through one block holds about this many blocks' worth of saved-activation
 bytes at once (the block's cotangents plus its saved tensors being consumed)."""
-BACKWARD_SCORE_FACTOR = 2.25
-"""... and this many extra score-sized matrices (the softmax vjp of that block's attention)."""
+BACKWARD_SCORE_BYTES = {4: 7.5, 2: 4.5}
+"""... plus this many bytes per attention score entry (B x heads x L x L), by model dtype bytes:
+the softmax vjp of that block, about two score-sized matrices in the model dtype (mechanisms
+`attention`: rows of 256-1536 tokens, one adapted block; 4.5 on bfloat16, 7.5 on float32)."""
 LOGITS_FULL_BYTES = {4: 12.5, 2: 19.0}
-"""Bytes per (row x position x vocab entry) of the loss computed in one piece (loss_chunk_size 0
-or >= the row), by model dtype bytes: the head output, its float32 copy, the softmax and its
-gradient overlap."""
-LOGITS_CHUNK_BYTES = {4: 10.0, 2: 14.4}
-"""Bytes per (row x chunk position x vocab entry) of the chunked, checkpointed cross-entropy."""
-LOGITS_SEQ_BYTES = {4: 5.2, 2: 10.0}
-"""Bytes per (row x position x vocab entry) that do not shrink with chunking: MLX's scheduler
-evaluates several chunks' recomputed logits before their consumers."""
+"""Bytes per (row x position x vocab entry) of the loss computed in one piece (loss_chunk_size 0):
+plain autodiff keeps the head output, its float32 copy and the softmax until the backward pass,
+where the softmax gradient joins them."""
+LOSS_ENTRY_BYTES = {4: 17.0, 2: 20.5}
+"""Bytes per (row x position x vocab entry) of one fused loss chunk (mlx_ft.losses._fused_chunk),
+by model dtype bytes: the head output, its float32 copy, the softmax and dL/dlogits. Mechanisms
+`loss`: the vocabulary slope of the peak (8192 vs 24576) when every chunk is alive at once
+(chunks of 256+ positions on 1023-token rows): 20.5 on bfloat16, 17.0 on float32."""
+LOSS_CHUNKS_IN_FLIGHT = 4.0
+"""Loss chunks whose working sets are alive at once (see LOSS_ROW_IN_FLIGHT)."""
+LOSS_ROW_IN_FLIGHT = 1 / 8
+"""The loss holds the working sets of about LOSS_CHUNKS_IN_FLIGHT chunks plus this share of the
+row's positions, never more than the row: MLX's scheduler allocates the next chunks' outputs while
+earlier ones compute, so memory grows with the chunk and a little with the row, not with one
+chunk. Mechanisms `loss` (positions alive, from the vocabulary slope): 172-252 at chunks of 16 on
+1023-token rows, 194-227 at 32, 355-406 at 64, 357-367 at 85-96 on 511-token rows, 722-782 at
+128 on 1023-token rows, the same per row for batch 1, 2 and 4; the formula gives 192, 256, 384
+(320 at 511), 404-448 and 640."""
 MLX_LM_LOGITS_COPIES = 4
 """mlx-lm's default_loss holds about 4 model-dtype copies of the B x L x V logits (planner-facts §3.6:
 8.0 bytes per entry measured for a float16 model)."""
 CKPT_SAVED_HIDDEN = 16.0
-"""Gradient checkpointing keeps this many bytes per hidden unit per token per block, whatever the
-model dtype: four float32 hidden-size tensors (measured 15.9-17.3 on float32 and bfloat16 models)."""
-CKPT_RECOMPUTE_BLOCKS = 1.0
-"""Blocks whose activations are alive at once while the backward pass recomputes them."""
-PHASE_OVERLAP = 0.7
+"""Gradient checkpointing keeps this many bytes per hidden unit per token per checkpointed block,
+whatever the model dtype, four float32 hidden-size tensors' worth (grid rows 2-3, 11-14: 15.8-20.4 per
+added block from the second adapted block on; the first one adds more, see CKPT_RECOMPUTE_BLOCKS)."""
+CKPT_RECOMPUTE_BLOCKS = 1.5
+"""Blocks whose recomputed activations and scores are alive at once in the backward pass: the
+scheduler recomputes the next block while the current one's backward runs. Mechanisms `ckpt`: from
+one to two adapted blocks the peak grows by a whole block's activations on a bfloat16 model with a
+wide MLP (2 blocks), while float32 rows with long rows fit 1 block (grid row 28); 1.5 in between."""
+PHASE_OVERLAP = 0.35
 """Share of the smaller of the loss and block-backward working sets alive at the larger's peak
-(MLX's scheduler starts some of the top block's backward work before the loss buffers are freed)."""
+(the scheduler starts the top block's backward before the last loss chunks are freed). Mechanisms
+`overlap`: two adapted blocks, 1023-token rows, vocabulary 1024-16384, whole-row chunks; the peak
+grows by 0.35 of the loss while the loss is the smaller set and by all of it once it is larger."""
+# Mirrors of mlx_ft.losses (the planner does not import mlx); tests/test_planner.py checks they agree.
+CHUNK_LOGITS_BYTES = 32 * 2**20
+MIN_CHUNK = 16
 HEADROOM_FIXED = 1 * GIB
 """Outside mx.get_peak_memory(): Python, Metal command buffers, the allocator cache [est]."""
 HEADROOM_FRACTION = 0.05
@@ -147,6 +170,15 @@ def activation_bytes_per_token(shape: ModelShape, st: Settings) -> tuple[int, in
     return base, extra
 
 
+def loss_chunk_positions(shape: ModelShape, st: Settings) -> int:
+    """Positions per loss chunk, as mlx_ft.losses picks them: the recipe's loss_chunk_size, fewer
+    when one chunk's float32 logits would pass CHUNK_LOGITS_BYTES, at most the row."""
+    if not st.loss_chunk:
+        return st.seq_len
+    cap = max(MIN_CHUNK, CHUNK_LOGITS_BYTES // (4 * st.batch_size * shape.vocab))
+    return min(st.loss_chunk, cap, st.seq_len)
+
+
 def estimate(shape: ModelShape, st: Settings) -> Estimate:
     """Predict the peak of mx.get_peak_memory() over a training step with these settings."""
     B, L, V = st.batch_size, st.seq_len, shape.vocab
@@ -178,12 +210,13 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     scores = B * shape.heads * L * L * s
     causal_mask = 0 if st.pack else L * L  # the bool mask the unfused attention builds per block
     pack_mask = B * L * L if st.pack else 0  # the explicit [B,1,L,L] mask is one input tensor
-    backward = BACKWARD_ACT_FACTOR * B * L * base_tok + BACKWARD_SCORE_FACTOR * scores
+    backward = BACKWARD_ACT_FACTOR * B * L * base_tok + BACKWARD_SCORE_BYTES[sk] * B * shape.heads * L * L
     if st.grad_checkpointing:
-        # Only block inputs stay; the backward pass recomputes one block (activations + scores).
-        saved = n_t * B * L * shape.hidden * CKPT_SAVED_HIDDEN + CKPT_RECOMPUTE_BLOCKS * per_block
-        attention = scores + causal_mask + pack_mask
-        block_phase = CKPT_RECOMPUTE_BLOCKS * per_block + scores + causal_mask + backward
+        # Only block inputs stay through the forward pass and the loss; the backward pass
+        # recomputes each block (activations and scores) before its backward, the next one early.
+        saved = n_t * B * L * shape.hidden * CKPT_SAVED_HIDDEN
+        attention = pack_mask
+        block_phase = min(n_t, CKPT_RECOMPUTE_BLOCKS) * (per_block + scores + causal_mask) + backward
     else:
         saved = n_t * per_block
         attention = n_t * (scores + causal_mask) + pack_mask
@@ -194,8 +227,11 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         notes.append("QDoRA keeps a dequantized copy of every DoRA layer's weight for the backward pass")
     if st.loss_impl == "mlx_lm":
         logits = B * V * L * MLX_LM_LOGITS_COPIES * sk
-    elif st.loss_chunk and st.loss_chunk < L:
-        logits = B * V * (LOGITS_CHUNK_BYTES[sk] * st.loss_chunk + LOGITS_SEQ_BYTES[sk] * L)
+    elif st.loss_chunk:
+        # Fused chunks: several chunks' working sets in flight, plus the dL/dh every chunk keeps
+        # (model dtype) for the backward pass.
+        in_flight = min(L, LOSS_CHUNKS_IN_FLIGHT * loss_chunk_positions(shape, st) + LOSS_ROW_IN_FLIGHT * L)
+        logits = B * V * in_flight * LOSS_ENTRY_BYTES[sk] + B * L * shape.hidden * s
     else:
         logits = B * V * L * LOGITS_FULL_BYTES[sk]
     # The loss runs before the backward pass through the blocks; only part of the smaller of the
@@ -210,7 +246,7 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         "optimizer state": optimizer,
         "activations": int(saved + qdora),
         "attention scores": int(attention),
-        "backward working set": int(backward),
+        "backward working set": int(block_phase),
         "logits and loss": int(logits),
         "loss/backward overlap": int(overlap),
     }
