@@ -4,11 +4,15 @@ Every configuration trains 2 steps of a tiny or small model (built offline with 
 its own process, on rows that fill max_seq_len (the planner's worst case), and compares
 `summary["peak_memory_bytes"]` with `mlx_ft.planner.estimate`. The grid varies method, rank,
 batch size, max_seq_len, packing, grad checkpointing, vocabulary size, dtype and architecture;
-the configurations marked `calib` are the ones the framework constants in
-mlx_ft/planner/memory.py were read from, all others are held out.
+the configurations marked `calib` were looked at while the framework constants in
+mlx_ft/planner/memory.py were chosen (most constants come from isolated experiments described in
+docs/planner.md); the others are held out.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 HF_HUB_OFFLINE=1 \
-        python benchmarks/planner_accuracy.py [--only 3,7] [--quick]
+        python benchmarks/planner_accuracy.py [--only 3,7] [--quick] [--mechanisms loss]
+
+`--mechanisms NAME` runs one of the isolated experiments the framework constants were read from
+(loss, overlap, ckpt, attention) instead of the grid.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ MODELS = {
                           intermediate_size=1536, dtype="float32", extra_config={"vocab_size": 2048}),
     "llama-384-bf16": dict(family="llama", hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
                            intermediate_size=1536, dtype="bfloat16", extra_config={"vocab_size": 2048}),
-    # Packing rows use float32 models: mlx_ft.losses.check_architecture refuses packing on bf16 ones.
+    # Rows 18, 23 and 29 pack on float32 models (check_architecture refused bf16 packing until 2165f1f).
     "qwen2-320-f32": dict(family="qwen2", hidden_size=320, num_layers=3, num_heads=5, num_kv_heads=1,
                           intermediate_size=896, dtype="float32", extra_config={"vocab_size": 3000}),
     "qwen2-384-bf16-tied": dict(family="qwen2", hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2,
@@ -47,6 +51,15 @@ MODELS = {
                              intermediate_size=384, dtype="float32", extra_config={"vocab_size": 2048}),
     "qwen2-768-bf16-v32k": dict(family="qwen2", hidden_size=768, num_layers=4, num_heads=12, num_kv_heads=4,
                                 intermediate_size=2048, dtype="bfloat16", extra_config={"vocab_size": 32000}),
+    # Added for the held-out rows 36-44 (never used to set a constant): other widths and vocabularies.
+    "llama-192-bf16-v12k": dict(family="llama", hidden_size=192, num_layers=3, num_heads=6, num_kv_heads=2,
+                                intermediate_size=640, dtype="bfloat16", extra_config={"vocab_size": 12000}),
+    "qwen2-448-f32-v6k": dict(family="qwen2", hidden_size=448, num_layers=4, num_heads=7, num_kv_heads=1,
+                              intermediate_size=1216, dtype="float32", extra_config={"vocab_size": 6000}),
+    "llama-320-bf16-mha-v48k": dict(family="llama", hidden_size=320, num_layers=2, num_heads=5, num_kv_heads=5,
+                                    intermediate_size=864, dtype="bfloat16", extra_config={"vocab_size": 48000}),
+    "llama-256-f32-v131k": dict(family="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                                intermediate_size=768, dtype="float32", extra_config={"vocab_size": 131072}),
 }
 
 # (model, settings); settings keys: method rank layers quant B L pack ckpt chunk calib
@@ -92,8 +105,55 @@ GRID = [
     # Added after the first held-out pass (row 21, QLoRA + checkpointing, over-predicted).
     ("llama-384-bf16", dict(L=512, layers=2, ckpt=True, quant=4, calib=True)),
     ("llama-384-bf16", dict(L=512, layers=6, ckpt=True, quant=4, calib=True)),
+    # Held out, added after the fused-loss recalibration (2026-11-24); rows 0-35 were all looked at
+    # while its constants were chosen. Packing on bf16 (allowed since 2165f1f), batch 3-4, chunks
+    # cut by the 32 MB cap (48k vocabulary), chunk 32-96, DoRA/QLoRA/full with checkpointing.
+    ("llama-192-bf16-v12k", dict(L=768, B=2, pack=True, chunk=64)),
+    ("llama-192-bf16-v12k", dict(L=512, B=3, method="dora", ckpt=True)),
+    ("llama-192-bf16-v12k", dict(L=448, B=2, method="full", chunk=96)),
+    ("qwen2-448-f32-v6k", dict(L=512, B=2, quant=4, rank=16, layers=3)),
+    ("qwen2-448-f32-v6k", dict(L=384, B=2, method="dora", ckpt=True, chunk=32)),
+    ("llama-320-bf16-mha-v48k", dict(L=512, B=4, layers=1)),
+    ("llama-320-bf16-mha-v48k", dict(L=768, ckpt=True, chunk=128)),
+    ("llama-320-bf16-mha-v48k", dict(L=256, B=2, method="full")),
+    ("qwen2-384-bf16-tied", dict(L=640, B=2, pack=True, layers=4, rank=16)),
+    # A real-size vocabulary (the vs_mlx_lm "vocab" model): the 32 MB cap cuts the chunk to 32 and 16.
+    ("llama-256-f32-v131k", dict(L=1024, B=2)),
+    ("llama-256-f32-v131k", dict(L=512, B=4, ckpt=True)),
 ]
-QUICK = [16, 18, 21, 24, 27, 29]
+QUICK = [36, 37, 39, 41, 42, 44]
+SEEN_ROWS = 36
+"""Rows 0-35 were all looked at while the constants were last chosen: reported as calibration."""
+
+
+def _mech_model(hidden: int, vocab: int, dtype: str, inter: int | None = None, heads: int = 4,
+                layers: int = 2) -> str:
+    """Register (in MODELS) and name a llama model for the mechanism experiments."""
+    inter = inter or 2 * hidden
+    name = f"mech-{hidden}-{inter}-{heads}h-{layers}l-{dtype}-v{vocab}"
+    MODELS[name] = dict(family="llama", hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=2,
+                        intermediate_size=inter, dtype=dtype, extra_config={"vocab_size": vocab})
+    return name
+
+
+# Isolated mechanisms behind the constants of mlx_ft/planner/memory.py (--mechanisms NAME): one term
+# varies, the rest stays small; the quantity of interest is a difference between two rows' peaks.
+MECHANISMS = {
+    # fused loss: vocabulary slope per chunk size (one adapted block of a 128-wide model)
+    "loss": [(_mech_model(128, V, dt), dict(L=1024, layers=1, chunk=c))
+             for dt in ("bfloat16", "float32") for c in (16, 32, 64, 128, 256) for V in (8192, 24576)]
+            + [(_mech_model(128, V, "bfloat16"), dict(L=512, layers=1, chunk=c, B=B))
+               for B in (1, 2, 4) for c in (64, 85, 96) for V in (8192, 24576)],
+    # loss vs block backward: the loss grows from smaller to larger than the block phase
+    "overlap": [(_mech_model(256, V, "bfloat16", heads=8), dict(L=1024, layers=2, chunk=1024))
+                for V in (1024, 4096, 8192, 16384)],
+    # checkpointing: 1-4 adapted blocks of a 4-block model, narrow and wide MLP
+    "ckpt": [(_mech_model(256, 1024, dt, inter=inter, heads=8, layers=4), dict(L=512, layers=n, ckpt=True))
+             for dt in ("bfloat16", "float32") for inter in (512, 1536) for n in (1, 2, 3, 4)],
+    # attention: the quadratic term of one adapted block, vocabulary too small to matter
+    "attention": [(_mech_model(128, 256, dt), dict(L=L, layers=1)) for dt in ("float32", "bfloat16")
+                  for L in (256, 512, 1024, 1536)],
+}
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
          "jolly bankers who mix apples and pears under grey skies").split()
@@ -177,19 +237,22 @@ def main() -> int:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "mlx_ft_planner_bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--mechanisms", choices=sorted(MECHANISMS), help="run an isolated-mechanism group instead")
     a = ap.parse_args()
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    grid = MECHANISMS[a.mechanisms] if a.mechanisms else GRID
     if a.one is not None:
-        model, s = GRID[int(a.one)]
+        model, s = grid[int(a.one)]
         print("RESULT " + json.dumps(measure_one(model, s, cache)), flush=True)
         return 0
-    idx = [int(i) for i in a.only.split(",")] if a.only else QUICK if a.quick else range(len(GRID))
+    idx = [int(i) for i in a.only.split(",")] if a.only else QUICK if a.quick else range(len(grid))
     rows, worst, worst_held = [], 0.0, 0.0
     print(f"{'#':>2} {'model':24} {'settings':48} {'measured MiB':>12} {'predicted MiB':>13} {'error':>7}")
     for i in idx:
-        model, s = GRID[i]
-        out = subprocess.run([sys.executable, __file__, "--one", str(i), "--cache", str(cache)],
+        model, s = grid[i]
+        group = ["--mechanisms", a.mechanisms] if a.mechanisms else []
+        out = subprocess.run([sys.executable, __file__, "--one", str(i), "--cache", str(cache), *group],
                              capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -198,9 +261,10 @@ def main() -> int:
         r = json.loads(line[7:])
         err = r["predicted"] / r["measured"] - 1
         worst = max(worst, abs(err))
-        if not s.get("calib"):
+        calib = s.get("calib") or i < SEEN_ROWS or a.mechanisms
+        if not calib:
             worst_held = max(worst_held, abs(err))
-        tag = " (calib)" if s.get("calib") else ""
+        tag = " (calib)" if calib else ""
         print(f"{i:>2} {model:24} {label(s):48} {r['measured'] / 2**20:12.1f} {r['predicted'] / 2**20:13.1f} "
               f"{err * 100:+6.1f}%{tag}", flush=True)
         rows.append({"index": i, "model": model, "settings": s, **r, "error": err})
