@@ -27,13 +27,8 @@ def measure_in_fresh_process(recipe, seq_len: int) -> int:
 
 
 @pytest.mark.parametrize("adapter,training,seq_len", [
-    # loss_chunk_size 0: the one-piece loss; the chunked path is being reworked in mlx_ft.losses
-    ({"method": "lora", "rank": 8}, {"batch_size": 2, "loss_chunk_size": 0}, 256),
-    pytest.param({"method": "dora", "rank": 4, "layers": 1}, {"batch_size": 1, "grad_checkpointing": True}, 384,
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "predicted 15.7 MiB vs 13.6 MiB measured (+15%, deterministic in a fresh process): "
-                     "the planner's constants predate the fused chunked loss (9ec0fd2); recalibrate "
-                     "mlx_ft/planner/memory.py with benchmarks/planner_accuracy.py (issue #5)"))),
+    ({"method": "lora", "rank": 8}, {"batch_size": 2, "loss_chunk_size": 0}, 256),  # the one-piece loss
+    ({"method": "dora", "rank": 4, "layers": 1}, {"batch_size": 1, "grad_checkpointing": True}, 384),
     ({"method": "full"}, {"batch_size": 2, "loss_chunk_size": 64}, 192),
 ])
 def test_predicted_peak_within_10_percent(tmp_path, tiny_model_dir, adapter, training, seq_len):
