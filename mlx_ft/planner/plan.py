@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import PlanError
 from .configs import ModelShape, load_shape
 from .machines import Machine, get_machine
-from .memory import Estimate, Settings, estimate
+from .memory import Estimate, Settings, adapted_layers, adapted_modules, estimate
 
 
 def settings_from_recipe(recipe) -> Settings:
@@ -159,6 +159,10 @@ def check_settings(shape: ModelShape, st: Settings) -> None:
         problems.append("method 'full' cannot train a quantized base; use lora/dora (QLoRA) or a float base")
     if st.batch_size < 1 or st.seq_len < 1:
         problems.append(f"batch size {st.batch_size} and max_seq_len {st.seq_len + 1} must be positive")
+    if st.method == "dora" and any(shape.copies(m) > 1 for layer in adapted_layers(shape, st)
+                                   for m in adapted_modules(shape, st, layer)):
+        problems.append("DoRA cannot adapt mixture-of-experts expert layers (mlx-lm has no DoRA SwitchLinear); "
+                        "use method 'lora', or targets without the experts' gate_proj/up_proj/down_proj")
     if st.method not in ("lora", "dora", "full"):
         problems.append(f"method {st.method!r}: expected lora, dora, qlora or full")
     if problems:

@@ -1,0 +1,101 @@
+"""Mixture-of-experts models in the planner: shapes read like mlx-lm builds them, parameter counts
+as published, the weights and trainable parameters of a real loaded tiny MoE counted exactly, time
+from the active parameters, and the shipped MoE recipe's settings training a tiny qwen3_moe."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mlx_ft.planner import Settings, estimate, load_shape, plan_model
+from mlx_ft.planner.configs import shape_from_config
+from mlx_ft.planner.timing import flops_per_token
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "qwen3-30b-a3b-qlora.toml"
+EXPERTS_NOT_ROUTER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("model,total,active", [
+    # model cards: Qwen3-30B-A3B "30.5B in total and 3.3B activated" (29.9B non-embedding);
+    # Mixtral-8x7B 46.7B total, 12.9B active.
+    ("Qwen/Qwen3-30B-A3B", 30.5e9, 3.3e9), ("mistralai/Mixtral-8x7B-Instruct-v0.1", 46.7e9, 12.9e9)])
+def test_bundled_moe_configs_match_published_parameter_counts(model, total, active):
+    sh = load_shape(model)
+    assert sh.total_params() == pytest.approx(total, rel=0.01)
+    # the card's 3.3B is rounded down from the 3.35B its config gives (embedding and head counted)
+    assert sh.total_params(active=True) == pytest.approx(active, rel=0.02)
+
+
+def test_qwen3_moe_layout_follows_mlx_lm():
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "vocab_size": 1000, "num_experts": 8, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 64, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    sh = shape_from_config(cfg, "x", "test")
+    # mlx-lm: MoE iff layer not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0
+    assert [sh.moe_layer(i) for i in range(4)] == [False, True, False, False]
+    assert "mlp.switch_mlp.up_proj" in sh.linears(1) and sh.linears(1)["mlp.gate"] == (128, 8)
+    assert sh.linears(0)["mlp.up_proj"] == (128, 512)
+    mixtral = shape_from_config({**cfg, "model_type": "mixtral", "num_experts": None, "num_local_experts": 4,
+                                 "decoder_sparse_step": None, "mlp_only_layers": None}, "m", "test")
+    assert mixtral.linears()["block_sparse_moe.switch_mlp.down_proj"] == (64, 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A 3-block qwen3_moe with a dense first block (mlp_only_layers), widths quantizable at group 64."""
+    from conftest import chat_corpus, corpus_texts
+    from mlx_ft.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("moe") / "qwen3-moe", corpus_texts(chat_corpus(100)),
+                            family="qwen3_moe", hidden_size=128, num_layers=3, intermediate_size=256,
+                            extra_config={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                          "mlp_only_layers": [0]})
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("targets", ["all-linear", list(EXPERTS_NOT_ROUTER)])
+def test_weights_and_trainable_parameters_of_a_real_tiny_moe(tiny_moe, bits, targets):
+    from mlx.utils import tree_flatten
+
+    from mlx_ft.models import apply_adapters, count_parameters, load_base
+    from mlx_ft.recipe import AdapterConfig, ModelConfig, QuantizeConfig
+
+    model, _, _ = load_base(ModelConfig(path=str(tiny_moe), quantize=QuantizeConfig(bits=bits) if bits else None))
+    held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    sh = load_shape(str(tiny_moe))
+    st = Settings(quant_bits=bits, rank=4, targets=(targets,) if isinstance(targets, str) else tuple(targets))
+    e = estimate(sh, st)
+    # every expert's weights, the router at 8 bits (qwen3_moe's quant_predicate), scales and biases
+    assert e.breakdown["weights"] + e.breakdown["quantization overhead"] == held
+    apply_adapters(model, AdapterConfig(rank=4, targets=targets))
+    trainable, total = count_parameters(model)
+    assert e.trainable_params == trainable  # LoRASwitchLinear: an A and a B per expert
+    if not bits:
+        assert sh.total_params() == total  # mlx-lm counts the base only
+
+
+def test_time_counts_the_active_experts_only():
+    sh = load_shape("Qwen/Qwen3-30B-A3B")
+    st = Settings(quant_bits=4, batch_size=1, seq_len=2047)
+    more = replace(sh, experts_per_tok=16)
+    # 8 more experts per token: forward (2 N) and backward to the inputs (2 N_span), 48 blocks
+    expert = 3 * sh.hidden * sh.moe_intermediate
+    assert flops_per_token(more, st) - flops_per_token(sh, st) == 4 * 8 * expert * 48
+    dense_equivalent = 2 * sh.total_params()  # the forward alone if every expert ran
+    assert flops_per_token(sh, st) < 0.5 * dense_equivalent
+
+
+def test_moe_breakdown_and_dora_on_experts():
+    from mlx_ft.errors import PlanError
+
+    p = plan_model("Qwen/Qwen3-30B-A3B", Settings(quant_bits=4, rank=16, targets=EXPERTS_NOT_ROUTER,
+                                                  grad_checkpointing=True, batch_size=1, seq_len=2047),
+                   machine="m3-ultra-96")
+    # 4-bit experts: ~17 GB like mlx-community's 4-bit conversion, not the 61 GB of bf16
+    assert 15.5 < (p.estimate.breakdown["weights"] + p.estimate.breakdown["quantization overhead"]) / 2**30 < 17
+    assert p.estimate.trainable_params == 48 * 16 * (4096 + 2048 + 2 * (2048 + 512) + 4096 + 2048
+                                                     + 128 * 3 * (2048 + 768))
+    assert any("128 experts, top-8" in n for n in p.estimate.notes)
+    with pytest.raises(PlanError, match="DoRA cannot adapt mixture-of-experts"):
+        plan_model("Qwen/Qwen3-30B-A3B", Settings(method="dora"), machine="m3-ultra-96")
+    plan_model("Qwen/Qwen3-30B-A3B", Settings(method="dora", targets=("q_proj", "v_proj")), machine="m3-ultra-96")
