@@ -99,3 +99,28 @@ def test_moe_breakdown_and_dora_on_experts():
     with pytest.raises(PlanError, match="DoRA cannot adapt mixture-of-experts"):
         plan_model("Qwen/Qwen3-30B-A3B", Settings(method="dora"), machine="m3-ultra-96")
     plan_model("Qwen/Qwen3-30B-A3B", Settings(method="dora", targets=("q_proj", "v_proj")), machine="m3-ultra-96")
+
+
+def test_the_moe_recipe_settings_train_a_tiny_qwen3_moe(tiny_moe, tmp_path, chat_jsonl):
+    """recipes/qwen3-30b-a3b-qlora.toml's adapter, quantization and checkpointing on a tiny qwen3_moe:
+    QLoRA on the experts (4-bit QuantizedSwitchLinear under LoRASwitchLinear), router left alone."""
+    import json
+
+    from mlx_ft.recipe import load_recipe, recipe_from_dict
+    from mlx_ft.train import train
+
+    shipped = load_recipe(RECIPE)
+    doc = shipped.to_dict()
+    doc["model"]["path"] = str(tiny_moe)
+    doc["data"].update(train=str(chat_jsonl[0]), valid=str(chat_jsonl[1]), max_seq_len=128)
+    doc["training"].pop("epochs", None)
+    doc["training"].update(steps=6, grad_accum=1, batch_size=2, learning_rate=5e-3, warmup_steps=0,
+                           report_every=2, eval_every=100, save_every=100)
+    doc["output"]["dir"] = str(tmp_path / "run")
+    recipe = recipe_from_dict(doc)
+    assert (recipe.model.quantize.bits, recipe.training.grad_checkpointing) == (4, True)
+    result = train(recipe, progress=False)
+    keys = json.loads((result.adapter_dir / "adapter_config.json").read_text())["lora_parameters"]["keys"]
+    assert {"mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"} <= set(keys)
+    assert "mlp.gate" not in keys, keys
+    assert result.losses[-1] < result.losses[0], result.losses
