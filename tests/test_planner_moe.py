@@ -40,32 +40,39 @@ def test_qwen3_moe_layout_follows_mlx_lm():
     assert mixtral.linears()["block_sparse_moe.switch_mlp.down_proj"] == (64, 128)
 
 
-@pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory):
-    """A 3-block qwen3_moe with a dense first block (mlp_only_layers), widths quantizable at group 64."""
+def build_moe(root: Path, family: str) -> Path:
+    """A 3-block MoE of `family`, widths quantizable at group 64; the qwen3_moe one has a dense
+    first block (mlp_only_layers)."""
     from conftest import chat_corpus, corpus_texts
     from mlx_ft.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("moe") / "qwen3-moe", corpus_texts(chat_corpus(100)),
-                            family="qwen3_moe", hidden_size=128, num_layers=3, intermediate_size=256,
-                            extra_config={"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                                          "mlp_only_layers": [0]})
+    extra = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "mlp_only_layers": [0]}
+    return build_tiny_model(root / family, corpus_texts(chat_corpus(100)), family=family, hidden_size=128,
+                            num_layers=3, intermediate_size=256, extra_config=extra if family == "qwen3_moe" else None)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    return build_moe(tmp_path_factory.mktemp("moe"), "qwen3_moe")
 
 
 @pytest.mark.parametrize("bits", [None, 4])
 @pytest.mark.parametrize("targets", ["all-linear", list(EXPERTS_NOT_ROUTER)])
-def test_weights_and_trainable_parameters_of_a_real_tiny_moe(tiny_moe, bits, targets):
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_weights_and_trainable_parameters_of_a_real_tiny_moe(tiny_moe, tmp_path, family, bits, targets):
     from mlx.utils import tree_flatten
 
     from mlx_ft.models import apply_adapters, count_parameters, load_base
     from mlx_ft.recipe import AdapterConfig, ModelConfig, QuantizeConfig
 
-    model, _, _ = load_base(ModelConfig(path=str(tiny_moe), quantize=QuantizeConfig(bits=bits) if bits else None))
+    path = tiny_moe if family == "qwen3_moe" else build_moe(tmp_path, family)
+    model, _, _ = load_base(ModelConfig(path=str(path), quantize=QuantizeConfig(bits=bits) if bits else None))
     held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    sh = load_shape(str(tiny_moe))
+    sh = load_shape(str(path))
     st = Settings(quant_bits=bits, rank=4, targets=(targets,) if isinstance(targets, str) else tuple(targets))
     e = estimate(sh, st)
-    # every expert's weights, the router at 8 bits (qwen3_moe's quant_predicate), scales and biases
+    # every expert's weights, the router at 8 bits (qwen3_moe's quant_predicate; Mixtral's at the
+    # recipe's bits), scales and biases
     assert e.breakdown["weights"] + e.breakdown["quantization overhead"] == held
     apply_adapters(model, AdapterConfig(rank=4, targets=targets))
     trainable, total = count_parameters(model)
