@@ -131,3 +131,27 @@ def test_the_moe_recipe_settings_train_a_tiny_qwen3_moe(tiny_moe, tmp_path, chat
     assert {"mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj", "mlp.switch_mlp.down_proj"} <= set(keys)
     assert "mlp.gate" not in keys, keys
     assert result.losses[-1] < result.losses[0], result.losses
+
+
+@pytest.mark.parametrize("quantize,training,seq_len", [
+    (None, {"batch_size": 2}, 256),
+    ({"bits": 4, "group_size": 64}, {"batch_size": 1, "grad_checkpointing": True}, 384),
+])
+def test_predicted_peak_of_a_tiny_moe_within_10_percent(tiny_moe, tmp_path, quantize, training, seq_len):
+    """The MoE terms against a real `mlx_ft.train` in a fresh process (benchmarks/planner_accuracy.py
+    has the grid), with the MoE recipe's targets: attention and experts, not the router."""
+    from test_planner_accuracy import measure_in_fresh_process
+
+    from mlx_ft.planner import settings_from_recipe
+    from mlx_ft.planner.probe import probe_recipe
+    from mlx_ft.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"model": {"path": str(tiny_moe), **({"quantize": quantize} if quantize else {})},
+                               "adapter": {"rank": 16, "targets": list(EXPERTS_NOT_ROUTER)},
+                               "data": {"train": "unused.jsonl"}, "training": training,
+                               "output": {"dir": str(tmp_path / "run")}})
+    short = probe_recipe(recipe, seq_len, tmp_path)
+    predicted = estimate(load_shape(str(tiny_moe)), settings_from_recipe(short)).peak_bytes
+    measured = measure_in_fresh_process(recipe, seq_len)
+    print(f"predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB")
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
