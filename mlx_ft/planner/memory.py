@@ -291,6 +291,9 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
                      f"weights are held, activations and time per epoch count the top-{shape.experts_per_tok} "
                      f"({shape.total_params(active=True) / 1e9:.2f}B of {shape.total_params() / 1e9:.2f}B "
                      "parameters active per token)")
+        if shape.model_type not in ("qwen3_moe", "mixtral"):
+            notes.append(f"{shape.model_type}: modelled like qwen3_moe (routed experts only); shared experts or "
+                         "other MoE parts of this architecture are not counted")
     # The loss runs before the backward pass through the blocks; only part of the smaller of the
     # two working sets is alive at the larger one's peak.
     overlap = -(1 - PHASE_OVERLAP) * min(logits, block_phase)

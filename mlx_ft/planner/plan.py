@@ -290,10 +290,10 @@ def _header_lines(p: Plan) -> list[str]:
     method = st.method + (f" on a {st.quant_bits}-bit base (QLoRA)" if st.quant_bits else
                           f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
     layers = "all" if st.layers is None else f"last {st.layers} of"
+    moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}"
+           if sh.is_moe else "")
     return [
-        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params"
-        f"{f', {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}' if sh.is_moe else ''}"
-        f", {sh.layers} blocks; config: {sh.source})",
+        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; config: {sh.source})",
         f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size} x {st.seq_len + 1} tokens"
         f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
         f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
