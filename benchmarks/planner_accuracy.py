@@ -144,7 +144,7 @@ GRID = [
     # A real-size vocabulary (the vs_mlx_lm "vocab" model): the 32 MB cap cuts the chunk to 32 and 16.
     ("llama-256-f32-v131k", dict(L=1024, B=2)),
     ("llama-256-f32-v131k", dict(L=512, B=4, ckpt=True)),
-    # Mixture of experts (rows 47-68): the MoE constants in memory.py were read from rows 47-55, 67-68.
+    # Mixture of experts (rows 47-71): the MoE constants in memory.py were read from rows 47-55, 67-68.
     ("qwen3moe-256-f32-e8k2", dict(L=512, calib=True)),
     ("qwen3moe-256-f32-e8k2", dict(L=1024, layers=1, calib=True)),
     ("qwen3moe-256-f32-e8k2", dict(L=512, layers=1, targets=["q_proj"], calib=True)),
@@ -169,6 +169,10 @@ GRID = [
     # Calibration again (after the rebase onto the fused-loss model): batch 2 with checkpointing.
     ("qwen3moe-256-f32-e8k2", dict(L=512, B=2, ckpt=True, rank=16, calib=True)),
     ("mixtral-256-f32", dict(L=384, B=2, ckpt=True, calib=True)),
+    # Held out, after row 60 missed: the same tokens in one row, rank 8, and the router adapted too.
+    ("qwen3moe-384-bf16-e32k8", dict(L=768, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=16)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=8)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4)),
 ]
 QUICK = [36, 37, 39, 41, 42, 44]
 SEEN_ROWS = 36
