@@ -108,7 +108,7 @@ GRID = [
     ("llama-256-f32", dict(L=512, method="dora")),
     ("llama-256-f32", dict(L=256, quant=4, B=3)),
     ("qwen2-320-f32", dict(L=512, pack=True, B=2)),
-    # Row 19 found that full fine-tuning upcasts a bf16 base (memory.FULL_FT_UPCASTS): now calibration.
+    # Row 19 found that full fine-tuning upcast a bf16 base (fixed in the loop, 2165f1f): now calibration.
     ("llama-256-bf16-v8k", dict(L=384, method="full", layers=2, calib=True)),
     ("qwen2-384-bf16-tied", dict(L=256, B=2)),
     ("qwen2-384-bf16-tied", dict(L=512, ckpt=True, quant=4)),
