@@ -27,6 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# 32 experts, 8 per token, narrow experts: the proportions of Qwen3-30B-A3B (128, top-8, 768 of 2048)
+QWEN3MOE_E32K8 = dict(family="qwen3_moe", hidden_size=384, num_layers=3, num_heads=6, num_kv_heads=2,
+                      intermediate_size=1024, extra_config={"vocab_size": 4096, "num_experts": 32,
+                                                            "num_experts_per_tok": 8, "moe_intermediate_size": 128})
+
 MODELS = {
     # name -> build_tiny_model kwargs (+ dtype the weights are stored in)
     "llama-256-f32": dict(family="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
@@ -60,9 +65,28 @@ MODELS = {
                                     intermediate_size=864, dtype="bfloat16", extra_config={"vocab_size": 48000}),
     "llama-256-f32-v131k": dict(family="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
                                 intermediate_size=768, dtype="float32", extra_config={"vocab_size": 131072}),
+    # Mixture of experts (mlx-lm SwitchGLU experts, LoRASwitchLinear adapters on them).
+    "qwen3moe-256-f32-e8k2": dict(family="qwen3_moe", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                                  intermediate_size=512, dtype="float32",
+                                  extra_config={"vocab_size": 2048, "num_experts": 8, "num_experts_per_tok": 2,
+                                                "moe_intermediate_size": 256}),
+    "qwen3moe-384-f32-e32k8": dict(**QWEN3MOE_E32K8, dtype="float32"),
+    # bf16 MoE rows are QLoRA: MLX's CPU backend has gather_mm for float32 only (gather_qmm for all).
+    "qwen3moe-384-bf16-e32k8": dict(**QWEN3MOE_E32K8, dtype="bfloat16"),
+    "qwen3moe-256-bf16-e16k4": dict(family="qwen3_moe", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                                    intermediate_size=512, dtype="bfloat16",
+                                    extra_config={"vocab_size": 4096, "num_experts": 16, "num_experts_per_tok": 4,
+                                                  "moe_intermediate_size": 192, "mlp_only_layers": [0]}),
+    "mixtral-256-f32": dict(family="mixtral", hidden_size=256, num_layers=3, num_heads=8, num_kv_heads=2,
+                            intermediate_size=384, dtype="float32", extra_config={"vocab_size": 2048}),
+    "mixtral-320-bf16": dict(family="mixtral", hidden_size=320, num_layers=3, num_heads=5, num_kv_heads=1,
+                             intermediate_size=640, dtype="bfloat16", extra_config={"vocab_size": 3000}),
 }
 
-# (model, settings); settings keys: method rank layers quant B L pack ckpt chunk calib
+# the targets of recipes/qwen3-30b-a3b-qlora.toml: attention and experts, not the router
+EXPERTS_NOT_ROUTER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# (model, settings); settings keys: method rank layers quant B L pack ckpt chunk targets calib
 GRID = [
     ("llama-256-f32", dict(L=256, layers=2, calib=True)),
     ("llama-256-f32", dict(L=512, layers=4, calib=True)),
@@ -120,6 +144,35 @@ GRID = [
     # A real-size vocabulary (the vs_mlx_lm "vocab" model): the 32 MB cap cuts the chunk to 32 and 16.
     ("llama-256-f32-v131k", dict(L=1024, B=2)),
     ("llama-256-f32-v131k", dict(L=512, B=4, ckpt=True)),
+    # Mixture of experts (rows 47-71): the MoE constants in memory.py were read from rows 47-55, 67-68.
+    ("qwen3moe-256-f32-e8k2", dict(L=512, calib=True)),
+    ("qwen3moe-256-f32-e8k2", dict(L=1024, layers=1, calib=True)),
+    ("qwen3moe-256-f32-e8k2", dict(L=512, layers=1, targets=["q_proj"], calib=True)),
+    ("qwen3moe-384-f32-e32k8", dict(L=512, calib=True)),
+    ("qwen3moe-384-f32-e32k8", dict(L=1024, layers=1, calib=True)),
+    ("qwen3moe-384-f32-e32k8", dict(L=512, ckpt=True, calib=True)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=512, quant=4, calib=True)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=512, ckpt=True, quant=4, calib=True)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=1024, layers=1, quant=4, calib=True)),
+    # held out
+    ("qwen3moe-256-f32-e8k2", dict(L=512, ckpt=True)),
+    ("qwen3moe-256-f32-e8k2", dict(L=256, B=2, quant=4)),
+    ("qwen3moe-384-f32-e32k8", dict(L=384, B=2, layers=2)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=512, quant=4, targets=EXPERTS_NOT_ROUTER, rank=16)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=16)),
+    ("qwen3moe-384-f32-e32k8", dict(L=256, method="full", layers=1)),
+    ("qwen3moe-256-bf16-e16k4", dict(L=512, quant=4)),
+    ("qwen3moe-256-bf16-e16k4", dict(L=384, B=2, ckpt=True, quant=4)),
+    ("mixtral-256-f32", dict(L=512, layers=2)),
+    ("mixtral-320-bf16", dict(L=384, B=2, ckpt=True, quant=4)),
+    ("mixtral-320-bf16", dict(L=512, quant=4, targets=["q_proj", "v_proj"])),
+    # Calibration again (after the rebase onto the fused-loss model): batch 2 with checkpointing.
+    ("qwen3moe-256-f32-e8k2", dict(L=512, B=2, ckpt=True, rank=16, calib=True)),
+    ("mixtral-256-f32", dict(L=384, B=2, ckpt=True, calib=True)),
+    # Held out, after row 60 missed: the same tokens in one row, rank 8, and the router adapted too.
+    ("qwen3moe-384-bf16-e32k8", dict(L=768, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=16)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=8)),
+    ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4)),
 ]
 QUICK = [36, 37, 39, 41, 42, 44]
 SEEN_ROWS = 36
@@ -193,7 +246,8 @@ def recipe_for(model_dir: Path, s: dict, work: Path):
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(L * 2))}) + "\n")
     doc = {
         "model": {"path": str(model_dir)},
-        "adapter": {"method": s.get("method", "lora"), "rank": s.get("rank", 8), "layers": s.get("layers", "all")},
+        "adapter": {"method": s.get("method", "lora"), "rank": s.get("rank", 8), "layers": s.get("layers", "all"),
+                    "targets": s.get("targets", "all-linear")},
         "data": {"train": str(data), "max_seq_len": L, "pack": s.get("pack", False), "train_on": "all", "shuffle": False},
         "training": {"batch_size": B, "steps": 2, "grad_checkpointing": s.get("ckpt", False),
                      "loss_chunk_size": s.get("chunk", 512), "report_every": 1, "learning_rate": 1e-5},
@@ -227,6 +281,7 @@ def label(s: dict) -> str:
              f"B{s.get('B', 1)}", f"L{s['L']}", f"layers={s.get('layers', 'all')}"]
     parts += ["pack"] * bool(s.get("pack")) + ["ckpt"] * bool(s.get("ckpt"))
     parts += [f"chunk={s['chunk']}"] if "chunk" in s else []
+    parts += ["targets=" + ",".join(t.removesuffix("_proj") for t in s["targets"])] if "targets" in s else []
     return " ".join(parts)
 
 

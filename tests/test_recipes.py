@@ -24,7 +24,7 @@ def header(name: str) -> str:
 
 def test_the_real_model_recipes_are_there():
     expected = {"qwen32b-qlora.toml", "llama3-8b-lora.toml", "mistral7b-qlora.toml", "gemma2-9b-qlora.toml",
-                "qwen7b-dora.toml", "llama70b-qlora.toml", "qwen0.5b-full.toml"}
+                "qwen7b-dora.toml", "llama70b-qlora.toml", "qwen0.5b-full.toml", "qwen3-30b-a3b-qlora.toml"}
     assert expected <= set(CHILDREN)
 
 

@@ -40,6 +40,17 @@ class ModelShape:
     """Set when the checkpoint itself is quantized (mlx-community 4-bit repos)."""
     quantized_group_size: int | None = None
     source: str = ""
+    experts: int = 0
+    """Routed experts per mixture-of-experts block (0: a dense model)."""
+    experts_per_tok: int = 0
+    moe_intermediate: int = 0
+    """Width of one expert's SwiGLU (qwen3_moe's moe_intermediate_size; Mixtral's intermediate_size)."""
+    dense_layers: tuple[int, ...] = ()
+    """Blocks of a MoE model that keep a dense MLP (qwen3_moe's mlp_only_layers, decoder_sparse_step)."""
+    moe_prefix: str = "mlp"
+    """The MoE module's name in a block, as mlx-lm builds it (Mixtral: block_sparse_moe)."""
+    router_bits: int | None = None
+    """Bits mlx-lm's quantization predicate gives the router (qwen3_moe: 8, group 64)."""
 
     @property
     def dtype_bytes(self) -> int:
@@ -53,12 +64,37 @@ class ModelShape:
     def d_kv(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """Block-relative linear modules -> (in, out) features, as mlx-lm names them."""
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    def moe_layer(self, layer: int) -> bool:
+        return self.is_moe and layer not in self.dense_layers
+
+    def linears(self, layer: int | None = None) -> dict[str, tuple[int, int]]:
+        """Block-relative linear modules -> (in, out) features of one matrix, as mlx-lm names them.
+
+        `layer` None is the last block, the first one adapters reach. In a MoE block the experts'
+        projections are SwitchLinear modules holding `experts` such matrices each (see `copies`)
+        and the router `gate` is a plain Linear (hidden -> experts).
+        """
         H, I = self.hidden, self.intermediate
-        return {"self_attn.q_proj": (H, self.d_q), "self_attn.k_proj": (H, self.d_kv),
-                "self_attn.v_proj": (H, self.d_kv), "self_attn.o_proj": (self.d_q, H),
-                "mlp.gate_proj": (H, I), "mlp.up_proj": (H, I), "mlp.down_proj": (I, H)}
+        attn = {"self_attn.q_proj": (H, self.d_q), "self_attn.k_proj": (H, self.d_kv),
+                "self_attn.v_proj": (H, self.d_kv), "self_attn.o_proj": (self.d_q, H)}
+        if not self.moe_layer(self.layers - 1 if layer is None else layer):
+            return {**attn, "mlp.gate_proj": (H, I), "mlp.up_proj": (H, I), "mlp.down_proj": (I, H)}
+        p, Im = self.moe_prefix, self.moe_intermediate
+        return {**attn, f"{p}.gate": (H, self.experts), f"{p}.switch_mlp.gate_proj": (H, Im),
+                f"{p}.switch_mlp.up_proj": (H, Im), f"{p}.switch_mlp.down_proj": (Im, H)}
+
+    def copies(self, module: str, active: bool = False) -> int:
+        """Matrices `module` holds: one per expert in a SwitchLinear (the top-k when `active`)."""
+        if ".switch_mlp." not in module:
+            return 1
+        return self.experts_per_tok if active else self.experts
+
+    def router(self, module: str) -> bool:
+        return self.is_moe and module == f"{self.moe_prefix}.gate"
 
     def block_small_params(self) -> int:
         """Norm weights and biases of one block (never quantized)."""
@@ -67,12 +103,18 @@ class ModelShape:
         n += self.d_q + 2 * self.d_kv if self.attention_bias else 0
         return n
 
-    def block_params(self) -> int:
-        return sum(i * o for i, o in self.linears().values()) + self.block_small_params()
+    def matmul_params(self, layer: int | None = None, active: bool = False) -> int:
+        """Linear weights of one block; `active`: only those one token uses (its top-k experts)."""
+        return sum(i * o * self.copies(m, active) for m, (i, o) in self.linears(layer).items())
 
-    def total_params(self) -> int:
+    def block_params(self, layer: int | None = None) -> int:
+        return self.matmul_params(layer) + self.block_small_params()
+
+    def total_params(self, active: bool = False) -> int:
+        """All parameters; `active`: those one token uses (MoE: the router's top-k experts)."""
         embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embed + self.layers * self.block_params() + self.hidden
+        blocks = sum(self.matmul_params(i, active) + self.block_small_params() for i in range(self.layers))
+        return embed + blocks + self.hidden
 
 
 def shape_from_config(cfg: dict, name: str, source: str) -> ModelShape:
@@ -93,14 +135,30 @@ def shape_from_config(cfg: dict, name: str, source: str) -> ModelShape:
     model_type = str(cfg.get("model_type", "llama"))
     q = cfg.get("quantization") or cfg.get("quantization_config") or {}
     return ModelShape(
-        name=name, model_type=model_type, **shape,
+        name=name, model_type=model_type, **shape, **_moe_fields(cfg, model_type, shape["layers"]),
         tied=bool(cfg.get("tie_word_embeddings", False)),
         dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
         norms_per_block=2 + int(cfg.get("extra_norms", 2 if model_type.startswith("gemma") else 0)),
-        qk_norm=bool(cfg.get("qk_norm", model_type in ("qwen3", "gemma3", "gemma3_text"))),
+        qk_norm=bool(cfg.get("qk_norm", model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"))),
         quantized_bits=q.get("bits"), quantized_group_size=q.get("group_size"),
         source=source,
+    )
+
+
+def _moe_fields(cfg: dict, model_type: str, layers: int) -> dict:
+    """The mixture-of-experts layout, read the way mlx-lm's qwen3_moe.py and mixtral.py build it."""
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if not experts:
+        return {}
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    only = set(cfg.get("mlp_only_layers") or [])
+    return dict(
+        experts=experts, experts_per_tok=int(cfg.get("num_experts_per_tok") or 2),
+        moe_intermediate=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step != 0),
+        moe_prefix="block_sparse_moe" if model_type in ("mixtral", "phimoe") else "mlp",
+        router_bits=8 if model_type == "qwen3_moe" else None,  # mlx-lm's Model.quant_predicate
     )
 
 

@@ -67,6 +67,18 @@ grows by 0.35 of the loss while the loss is the smaller set and by all of it onc
 # Mirrors of mlx_ft.losses (the planner does not import mlx); tests/test_planner.py checks they agree.
 CHUNK_LOGITS_BYTES = 32 * 2**20
 MIN_CHUNK = 16
+MOE_HIDDEN_COPIES = 4.0
+"""Hidden-size tensors a MoE block keeps per routed copy of a token (its top-k): the experts' output
+and down-projection adapter terms, unsorted back to token order, and weighted by the router
+[calibrated on the MoE rows of benchmarks/planner_accuracy.py, on top of the dense constants]."""
+MOE_INTERMEDIATE_COPIES = 3.0
+"""Expert-wide tensors a MoE block keeps per routed copy of a token: the experts' gate and up
+outputs and what the SwiGLU vjp keeps [calibrated, as above]."""
+MOE_ROUTER_COPIES = 2.0
+"""Experts-wide tensors the router keeps per token: its logits and their softmax [calibrated, as above]."""
+MOE_BACKWARD_ACT_FACTOR = 1.6
+"""The backward working set counts this many blocks' worth of a MoE block's expert activations
+(BACKWARD_ACT_FACTOR for the rest of the block) [calibrated, as above]."""
 HEADROOM_FIXED = 1 * GIB
 """Outside mx.get_peak_memory(): Python, Metal command buffers, the allocator cache [est]."""
 HEADROOM_FRACTION = 0.05
@@ -111,8 +123,8 @@ class Estimate:
         return self.peak_bytes + self.headroom_bytes
 
 
-def adapted_modules(shape: ModelShape, st: Settings) -> dict[str, tuple[int, int]]:
-    lin = shape.linears()
+def adapted_modules(shape: ModelShape, st: Settings, layer: int | None = None) -> dict[str, tuple[int, int]]:
+    lin = shape.linears(layer)
     if st.method == "full" or "all-linear" in st.targets:
         return lin
     return {k: v for k, v in lin.items() if any(k == t or k.endswith("." + t) for t in st.targets)}
@@ -122,52 +134,86 @@ def n_adapted(shape: ModelShape, st: Settings) -> int:
     return shape.layers if st.layers is None else min(st.layers, shape.layers)
 
 
+def adapted_layers(shape: ModelShape, st: Settings) -> range:
+    """Indices of the adapted blocks: the last n_adapted ones."""
+    return range(shape.layers - n_adapted(shape, st), shape.layers)
+
+
+def lora_params(shape: ModelShape, st: Settings, layer: int) -> int:
+    """LoRA (+ DoRA magnitude) parameters of one adapted block; a SwitchLinear gets an A and a B
+    per expert (mlx-lm's LoRASwitchLinear: lora_a (experts, r, in), lora_b (experts, out, r))."""
+    mods = adapted_modules(shape, st, layer)
+    n = sum(st.rank * (i + o) * shape.copies(m) for m, (i, o) in mods.items())
+    return n + (sum(o for _, o in mods.values()) if st.method == "dora" else 0)
+
+
 def weight_bytes(shape: ModelShape, st: Settings) -> tuple[int, int]:
     """(weights, quantization scales+biases) in bytes, as mlx-lm stores them."""
     s = shape.dtype_bytes
     bits = st.quant_bits or shape.quantized_bits
     group = st.quant_group if st.quant_bits else (shape.quantized_group_size or 64)
-    lin = shape.linears()
     small = shape.layers * shape.block_small_params() + shape.hidden
-    embeds = [(shape.hidden, shape.vocab)] * (1 if shape.tied else 2)  # (last dim, rows)
-    mats = [(i, o) for i, o in lin.values()] * shape.layers + embeds
+    # (last dim, elements, bits, group) of every matrix; a SwitchLinear is `experts` of them
+    mats = [(i, i * o * shape.copies(m), *((shape.router_bits, 64) if shape.router(m) and shape.router_bits
+                                          else (bits, group)))
+            for layer in range(shape.layers) for m, (i, o) in shape.linears(layer).items()]
+    mats += [(shape.hidden, shape.hidden * shape.vocab, bits, group)] * (1 if shape.tied else 2)
     if not bits:
-        return (sum(i * o for i, o in mats) + small) * s, 0
-    # mlx-lm quantizes every Linear/Embedding whose last dim divides by the group size.
-    q = sum(i * o for i, o in mats if i % group == 0)
-    dense = sum(i * o for i, o in mats if i % group != 0) + small
-    return int(q * bits / 8 + dense * s), int(q / group * 2 * s)
+        return (sum(n for _, n, _, _ in mats) + small) * s, 0
+    # mlx-lm quantizes every Linear/Embedding/SwitchLinear whose last dim divides by the group size;
+    # a model's quant_predicate may pick other bits for some (qwen3_moe's router: 8 bits, group 64).
+    q = [(n, b, g) for i, n, b, g in mats if i % group == 0]
+    dense = sum(n for i, n, _, _ in mats if i % group != 0) + small
+    return int(sum(n * b / 8 for n, b, _ in q) + dense * s), int(sum(n / g * 2 * s for n, _, g in q))
 
 
 # Which tensor feeds each linear: q/k/v share the first norm's output, gate/up the second's.
 _INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
+             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid", "gate": "mlp_in"}
 
 
-def activation_bytes_per_token(shape: ModelShape, st: Settings) -> tuple[int, int]:
+def moe_bytes_per_token(shape: ModelShape, layer: int | None = None) -> float:
+    """What the MoE MLP of one block saves per token whatever is trained (0 for a dense block):
+    MOE_INTERMEDIATE_COPIES expert-wide tensors and MOE_HIDDEN_COPIES hidden-size ones per routed
+    copy of the token (its top-k), and the router's logits and probabilities."""
+    if not shape.moe_layer(shape.layers - 1 if layer is None else layer):
+        return 0
+    H, s, k = shape.hidden, shape.dtype_bytes, shape.experts_per_tok
+    return s * k * (MOE_INTERMEDIATE_COPIES * shape.moe_intermediate + MOE_HIDDEN_COPIES * H) \
+        + s * MOE_ROUTER_COPIES * shape.experts
+
+
+def activation_bytes_per_token(shape: ModelShape, st: Settings, layer: int | None = None) -> tuple[int, int]:
     """(base, adapter extra) bytes one adapted block saves for the backward pass, per token.
 
     Base, in the model dtype: block input, both norm outputs, q, k, v, attention output, the
     residual, and four intermediate-size tensors of the MLP (gate, up, and what the fused SwiGLU
     vjp keeps). The MLP output that feeds down_proj is kept once more: as itself in a float32
     model, or as its float32 copy in a 16-bit one (measured: 20 bytes per intermediate unit per
-    token in float32, 11.7 in bfloat16).
+    token in float32, 11.7 in bfloat16). A MoE block's MLP is `moe_bytes_per_token` instead.
     Adapter extra: LoRA's A and B are float32, so on a 16-bit base `x @ A` promotes each distinct
     adapter input to float32 and keeps it (mx.compile merges the copies q/k/v and gate/up share),
     plus every x @ A (rank wide); DoRA also keeps each adapted output before the magnitude scaling.
+    The experts' inputs (the sorted, gathered copies of the token, k per token, and the SwiGLU
+    output) are kept only when a trained expert layer needs them for its weights' gradient: in
+    float32 for LoRA (x @ A promotes them), in the model dtype for full fine-tuning.
     """
-    H, I, s = shape.hidden, shape.intermediate, shape.dtype_bytes
-    base = s * (4 * H + 2 * shape.d_q + 2 * shape.d_kv + 4 * I) + (4 * I if s >= 4 else 0)
+    H, s = shape.hidden, shape.dtype_bytes
+    moe = moe_bytes_per_token(shape, layer)
+    I = 0 if moe else shape.intermediate
+    base = s * (4 * H + 2 * shape.d_q + 2 * shape.d_kv + 4 * I) + (4 * I if s >= 4 else 0) + moe
+    mods = adapted_modules(shape, st, layer)
+    experts = {_INPUT_OF[m.rsplit(".", 1)[-1]]: i * shape.copies(m, active=True)
+               for m, (i, _) in mods.items() if shape.copies(m) > 1}
     if st.method == "full":
-        return base, 0
-    mods = adapted_modules(shape, st)
-    extra = 4 * st.rank * len(mods)
+        return int(base + s * sum(experts.values())), 0
+    extra = 4 * st.rank * sum(shape.copies(m, active=True) for m in mods) + 4 * sum(experts.values())
     if s != 4:
-        inputs = {_INPUT_OF[m.rsplit(".", 1)[-1]]: dims[0] for m, dims in mods.items()}
+        inputs = {_INPUT_OF[m.rsplit(".", 1)[-1]]: dims[0] for m, dims in mods.items() if shape.copies(m) == 1}
         extra += 4 * sum(inputs.values())
     if st.method == "dora":
         extra += s * sum(o for _, o in mods.values())
-    return base, extra
+    return int(base), extra
 
 
 def loss_chunk_positions(shape: ModelShape, st: Settings) -> int:
@@ -183,34 +229,40 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     """Predict the peak of mx.get_peak_memory() over a training step with these settings."""
     B, L, V = st.batch_size, st.seq_len, shape.vocab
     n_t = n_adapted(shape, st)
-    mods = adapted_modules(shape, st)
+    span = adapted_layers(shape, st)
     notes: list[str] = []
 
     weights, quant = weight_bytes(shape, st)
     sk = 4 if shape.dtype_bytes >= 4 else 2  # the loss follows the head's (base) dtype
     s = shape.dtype_bytes
     if st.method == "full":
-        trainable = n_t * shape.block_params()
+        trainable = sum(shape.block_params(layer) for layer in span)
         p_bytes = s  # full fine-tuning trains the weights in their own dtype
         adapters = 0
     else:
-        trainable = n_t * sum(st.rank * (i + o) for i, o in mods.values())
-        if st.method == "dora":
-            trainable += n_t * sum(o for _, o in mods.values())
+        trainable = sum(lora_params(shape, st, layer) for layer in span)
         p_bytes = 4  # mlx-lm creates LoRA A/B (and DoRA m) in float32
         adapters = trainable * 4
     grads = trainable * p_bytes * (2 if st.grad_accum > 1 else 1)
     opt_states = {"adamw": 2, "adam": 2, "sgd": 0, "adafactor": 0}[st.optimizer]
     optimizer = trainable * p_bytes * opt_states
     if st.optimizer == "adafactor":  # factored second moment: a row and a column vector per matrix
-        optimizer = n_t * sum(i + o for i, o in mods.values()) * p_bytes
+        optimizer = sum((i + o) * shape.copies(m) for layer in span
+                        for m, (i, o) in adapted_modules(shape, st, layer).items()) * p_bytes
 
-    base_tok, extra_tok = activation_bytes_per_token(shape, st)
-    per_block = B * L * (base_tok + extra_tok)
+    # Per adapted block (blocks differ only in a MoE model with dense layers): the largest one sets
+    # the one-block working sets, their sum the saved activations.
+    toks = [activation_bytes_per_token(shape, st, layer) for layer in span]
+    base_tok = max(b for b, _ in toks)
+    moe_tok = max(moe_bytes_per_token(shape, layer) for layer in span)
+    per_block = B * L * max(b + e for b, e in toks)
     scores = B * shape.heads * L * L * s
     causal_mask = 0 if st.pack else L * L  # the bool mask the unfused attention builds per block
     pack_mask = B * L * L if st.pack else 0  # the explicit [B,1,L,L] mask is one input tensor
-    backward = BACKWARD_ACT_FACTOR * B * L * base_tok + BACKWARD_SCORE_BYTES[sk] * B * shape.heads * L * L
+    backward = BACKWARD_ACT_FACTOR * B * L * (base_tok - moe_tok) \
+        + BACKWARD_SCORE_BYTES[sk] * B * shape.heads * L * L
+    if moe_tok:  # the experts' backward runs before the attention's: the larger of the two is alive
+        backward = max(backward, MOE_BACKWARD_ACT_FACTOR * B * L * moe_tok)
     if st.grad_checkpointing:
         # Only block inputs stay through the forward pass and the loss; the backward pass
         # recomputes each block (activations and scores) before its backward, the next one early.
@@ -218,12 +270,12 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         attention = pack_mask
         block_phase = min(n_t, CKPT_RECOMPUTE_BLOCKS) * (per_block + scores + causal_mask) + backward
     else:
-        saved = n_t * per_block
+        saved = B * L * sum(b + e for b, e in toks)
         attention = n_t * (scores + causal_mask) + pack_mask
         block_phase = backward
     qdora = 0
     if st.method == "dora" and (st.quant_bits or shape.quantized_bits):
-        qdora = n_t * sum(i * o for i, o in mods.values()) * s
+        qdora = sum(i * o for layer in span for i, o in adapted_modules(shape, st, layer).values()) * s
         notes.append("QDoRA keeps a dequantized copy of every DoRA layer's weight for the backward pass")
     if st.loss_impl == "mlx_lm":
         logits = B * V * L * MLX_LM_LOGITS_COPIES * sk
@@ -234,6 +286,14 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         logits = B * V * in_flight * LOSS_ENTRY_BYTES[sk] + B * L * shape.hidden * s
     else:
         logits = B * V * L * LOGITS_FULL_BYTES[sk]
+    if shape.is_moe:
+        notes.append(f"mixture of experts: {shape.experts} experts, top-{shape.experts_per_tok}; every expert's "
+                     f"weights are held, activations and time per epoch count the top-{shape.experts_per_tok} "
+                     f"({shape.total_params(active=True) / 1e9:.2f}B of {shape.total_params() / 1e9:.2f}B "
+                     "parameters active per token)")
+        if shape.model_type not in ("qwen3_moe", "mixtral"):
+            notes.append(f"{shape.model_type}: modelled like qwen3_moe (routed experts only); shared experts or "
+                         "other MoE parts of this architecture are not counted")
     # The loss runs before the backward pass through the blocks; only part of the smaller of the
     # two working sets is alive at the larger one's peak.
     overlap = -(1 - PHASE_OVERLAP) * min(logits, block_phase)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import PlanError
 from .configs import ModelShape, load_shape
 from .machines import Machine, get_machine
-from .memory import Estimate, Settings, estimate
+from .memory import Estimate, Settings, adapted_layers, adapted_modules, estimate
 
 
 def settings_from_recipe(recipe) -> Settings:
@@ -159,6 +159,10 @@ def check_settings(shape: ModelShape, st: Settings) -> None:
         problems.append("method 'full' cannot train a quantized base; use lora/dora (QLoRA) or a float base")
     if st.batch_size < 1 or st.seq_len < 1:
         problems.append(f"batch size {st.batch_size} and max_seq_len {st.seq_len + 1} must be positive")
+    if st.method == "dora" and any(shape.copies(m) > 1 for layer in adapted_layers(shape, st)
+                                   for m in adapted_modules(shape, st, layer)):
+        problems.append("DoRA cannot adapt mixture-of-experts expert layers (mlx-lm has no DoRA SwitchLinear); "
+                        "use method 'lora', or targets without the experts' gate_proj/up_proj/down_proj")
     if st.method not in ("lora", "dora", "full"):
         problems.append(f"method {st.method!r}: expected lora, dora, qlora or full")
     if problems:
@@ -286,8 +290,10 @@ def _header_lines(p: Plan) -> list[str]:
     method = st.method + (f" on a {st.quant_bits}-bit base (QLoRA)" if st.quant_bits else
                           f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
     layers = "all" if st.layers is None else f"last {st.layers} of"
+    moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}"
+           if sh.is_moe else "")
     return [
-        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params, {sh.layers} blocks; config: {sh.source})",
+        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; config: {sh.source})",
         f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size} x {st.seq_len + 1} tokens"
         f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
         f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",

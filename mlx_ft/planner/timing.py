@@ -2,8 +2,9 @@
 
     seconds/epoch = padded tokens/epoch x FLOPs/token / (efficiency x peak FLOP/s)
 
-FLOPs per token (N = matmul parameters, N_span = those of the adapted blocks, L = row length,
-d_q = heads x head_dim; MLX computes the full L x L attention when training, no causal halving):
+FLOPs per token (N = matmul parameters a token uses: in a MoE block the router and its top-k experts,
+N_span = those of the adapted blocks, L = row length, d_q = heads x head_dim; MLX computes the full
+L x L attention when training, no causal halving):
 
     forward             2 N + 4 L d_q x layers
     backward, inputs    2 N_span + 2 V H (head) + 8 L d_q x adapted layers
@@ -25,11 +26,12 @@ EFFICIENCY = 0.40
 
 def flops_per_token(shape: ModelShape, st: Settings) -> float:
     L, n_t = st.seq_len, n_adapted(shape, st)
-    block = sum(i * o for i, o in shape.linears().values())
+    # A token goes through its top-k experts only: a MoE block's matmul FLOPs are its active ones.
+    blocks = [shape.matmul_params(layer, active=True) for layer in range(shape.layers)]
     head = shape.vocab * shape.hidden
-    n_span = n_t * block
+    n_span = sum(blocks[shape.layers - n_t:])
     attn = 4 * L * shape.d_q
-    f = 2 * (shape.layers * block + head) + attn * shape.layers  # forward
+    f = 2 * (sum(blocks) + head) + attn * shape.layers  # forward
     f += 2 * n_span + 2 * head + 2 * attn * n_t  # backward to the inputs through the span
     if st.method == "full":
         f += 2 * n_span
