@@ -73,13 +73,32 @@ def load_base(cfg: ModelConfig, texts: Callable[[], list[str]] | None = None):
 
     model_dir = resolve_model_path(cfg.path, cfg.revision, texts)
     try:
+        # Quantizing on load: read lazily, so the 16-bit weights are never all in memory at once.
         model, tokenizer = load(str(model_dir), tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
-                                trust_remote_code=cfg.trust_remote_code)
+                                trust_remote_code=cfg.trust_remote_code, lazy=cfg.quantize is not None)
     except ValueError as e:  # mlx-lm: "Model type X not supported."
         raise ModelError(f"model.path: mlx-lm cannot load {model_dir}: {e}") from None
     if cfg.quantize is not None:
         quantize(model, cfg.quantize.bits, cfg.quantize.group_size)
+        materialize_by_layer(model)
     return model, tokenizer, model_dir
+
+
+def materialize_by_layer(model) -> None:
+    """Evaluate a lazily loaded model one layer (leaf module) at a time.
+
+    Each layer's 16-bit weight is read from disk, quantized and freed before the next is read, so
+    quantizing on load peaks near the quantized size plus one layer, where an eager load holds
+    every 16-bit weight first (131 GiB for a 70B model). Measured on a 143 MB float32 tiny model
+    quantized to 4 bits: 142 MiB eager, 86 MiB by block, 54 MiB by layer (22 MiB quantized plus
+    the 32 MiB float32 embedding)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    for _, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
 
 
 def quantize(model, bits: int, group_size: int) -> None:

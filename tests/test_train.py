@@ -433,3 +433,25 @@ def test_loss_normalization_sets_the_gradient_divisor(tmp_path, tiny_model_dir, 
         assert mx.abs(v).max().item() > 0
         np.testing.assert_allclose(np.array(b_epoch[k]), np.array(v) * step_tokens / mean_per_step,
                                    rtol=1e-4, atol=1e-7)
+
+
+def test_quantizing_on_load_reads_the_float_base_one_layer_at_a_time(tmp_path):
+    """QLoRA from a 16/32-bit checkpoint must not hold the whole float model first (a 70B base is
+    131 GiB in bf16, more than a 128 GB Mac): the load's peak stays near the quantized size plus
+    the largest single float tensor. Measured in a fresh process (the peak counts every live array)."""
+    from mlx_ft.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", [" ".join(["alpha beta gamma delta"] * 20)] * 20, family="llama",
+                             hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024,
+                             extra_config={"vocab_size": 8192})
+    float_bytes = (model / "model.safetensors").stat().st_size
+    code = ("import sys, mlx.core as mx; from mlx_ft.models import load_base; "
+            "from mlx_ft.recipe import ModelConfig, QuantizeConfig; mx.reset_peak_memory(); "
+            "loaded = load_base(ModelConfig(path=sys.argv[1], quantize=QuantizeConfig(bits=4, group_size=64))); "
+            "print(mx.get_peak_memory(), mx.get_active_memory())")
+    out = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak, active = map(int, out.stdout.split())
+    largest = 8192 * 256 * 4  # one float32 embedding matrix
+    assert active < 0.25 * float_bytes, (active, float_bytes)  # 4-bit weights + scales
+    assert peak < active + 1.5 * largest < 0.6 * float_bytes, (peak, active, float_bytes)
