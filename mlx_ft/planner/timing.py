@@ -10,7 +10,10 @@ L x L attention when training, no causal halving):
     backward, inputs    2 N_span + 2 V H (head) + 8 L d_q x adapted layers
     backward, weights   2 N_span (full fine-tuning only; LoRA's own matmuls are negligible)
     checkpointing       + 2 N_span + 4 L d_q x adapted layers (the forward is run again)
-    chunked loss        + 2 V H (each chunk's logits are recomputed in the backward)
+
+The chunked loss adds nothing: with a frozen head (every method mlx_ft has) each chunk computes
+its logits and dL/dh once, in the forward pass (`mlx_ft.losses._fused_chunk`), which is the
+forward and the "backward, inputs" head matmuls above.
 """
 
 from __future__ import annotations
@@ -37,8 +40,6 @@ def flops_per_token(shape: ModelShape, st: Settings) -> float:
         f += 2 * n_span
     if st.grad_checkpointing:
         f += 2 * n_span + attn * n_t
-    if st.loss_chunk and st.loss_chunk < L:
-        f += 2 * head
     return float(f)
 
 
