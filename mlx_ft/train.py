@@ -311,14 +311,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                 acc = tree_map(lambda g: g * world, nn.average_gradients(acc))
                 loss_total, tok_total = mx.distributed.all_sum(loss_total), mx.distributed.all_sum(tok_total)
             norm = update(acc, tok_total if epoch_divisor is None else epoch_divisor)
-            try:
-                mx.eval(state, loss_total, tok_total, norm)  # sync point: one per optimizer step
-            except RuntimeError as e:
-                if world == 1:
-                    raise
-                raise TrainingError(f"process {rank} of {world} lost contact with the others at step {loop.step + 1} "
-                                    f"({e}); another process stopped, see its error. Fix it and resume with "
-                                    "--resume") from None
+            mx.eval(state, loss_total, tok_total, norm)  # sync point: one per optimizer step
             n_tok = int(tok_total.item())
             loss = loss_total.item() / max(n_tok, 1)
             if not math.isfinite(loss):
@@ -361,6 +354,14 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                 path = save_checkpoint()
                 raise TrainingError(f"stopped by {stop.name or 'a signal to another process'} at step {loop.step}; checkpoint {path}; "
                                     "continue with `mlxft run RECIPE --resume`")
+    except RuntimeError as e:
+        # Under mlx.launch, MLX raises from whichever collective is waiting when a peer dies: the
+        # step's sync, the stop vote (_agree) or validation's sums; any of them can be the one.
+        if world == 1:
+            raise
+        raise TrainingError(f"process {rank} of {world} lost contact with the others after step {loop.step} "
+                            f"({e}); another process stopped, see its error. Fix it and resume with "
+                            "--resume") from None
     finally:
         if stall:
             stall.close()
