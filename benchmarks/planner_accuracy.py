@@ -173,6 +173,11 @@ GRID = [
     ("qwen3moe-384-bf16-e32k8", dict(L=768, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=16)),
     ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=8)),
     ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4)),
+    # The optimizer-update phase (memory.UPDATE_COPIES): full fine-tuning with short rows. Row 72 is
+    # the dense case its constant was read from; 73-74 are held out.
+    ("llama-256-f32", dict(L=64, method="full", calib=True)),
+    ("qwen2-320-f32", dict(L=96, method="full", layers=2)),
+    ("llama-384-bf16", dict(L=128, B=2, method="full", layers=3)),
 ]
 QUICK = [36, 37, 39, 41, 42, 44]
 SEEN_ROWS = 36

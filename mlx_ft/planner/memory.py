@@ -79,6 +79,11 @@ MOE_ROUTER_COPIES = 2.0
 MOE_BACKWARD_ACT_FACTOR = 1.6
 """The backward working set counts this many blocks' worth of a MoE block's expert activations
 (BACKWARD_ACT_FACTOR for the rest of the block) [calibrated, as above]."""
+UPDATE_COPIES = 4.0
+"""Trained-parameter-sized arrays the optimizer update adds to weights, gradients and AdamW state:
+the new weights and moments computed while the old ones are alive, and the scaled (and clipped)
+gradient. Measured on full fine-tunes with short rows, where the update is the peak: 3.4-5.0
+(docs/planner.md, MoE section: llama-256-f32 at 64 tokens, a qwen3_moe block at 256)."""
 HEADROOM_FIXED = 1 * GIB
 """Outside mx.get_peak_memory(): Python, Metal command buffers, the allocator cache [est]."""
 HEADROOM_FRACTION = 0.05
@@ -310,6 +315,12 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         "logits and loss": int(logits),
         "loss/backward overlap": int(overlap),
     }
+    # After the backward pass the activations are gone, but the optimizer update holds the old and
+    # the new weights and moments at once: when that is larger (full fine-tuning, short rows), it
+    # is the peak.
+    step_peak = sum(breakdown.values())
+    update_phase = weights + quant + adapters + grads + optimizer + UPDATE_COPIES * trainable * p_bytes
+    breakdown["optimizer update"] = max(0, int(update_phase - step_peak))
     peak = sum(breakdown.values())
     headroom = int(HEADROOM_FIXED + HEADROOM_FRACTION * peak)
     return Estimate(breakdown={k: int(v) for k, v in breakdown.items()}, peak_bytes=int(peak),
