@@ -4,7 +4,8 @@ Each term follows a mechanism of the training step (see docs/planner.md for the 
 weights (+ quantization scales and biases), adapter parameters, their gradients and optimizer
 state, the activations autodiff saves for the backward pass, the attention score matrices (MLX
 never uses fused attention when differentiating, so each adapted block keeps a B x heads x L x L
-matrix), the working set of the backward pass through one block, and the chunked cross-entropy.
+matrix), the working set of the backward pass through one block, the chunked cross-entropy, and
+the optimizer update (old and new weights and moments alive at once), when that is the larger phase.
 
 Only a few constants are calibrated, all of them properties of MLX's scheduler rather than of a
 model; each says where its value comes from.
