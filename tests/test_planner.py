@@ -168,6 +168,16 @@ def test_plan_recipe_counts_tokens(tmp_path, tiny_model_dir, chat_jsonl):
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["fits"] and d["tokens_per_epoch"] > 0 and d["seconds_per_epoch"] > 0
+    # the positions the loop's batches really have, padding included
+    from mlx_ft.data import load_datasets
+    from mlx_ft.data.batching import collate, epoch_batches
+    from mlx_ft.data.report import load_tokenizer
+    from mlx_ft.recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    samples = load_datasets(rec, load_tokenizer(rec)).train
+    batches = epoch_batches(samples, 2, 128, False, rec.training.seed, 0, rec.data.shuffle)
+    assert d["tokens_per_epoch"] == sum(collate(samples, b, 128, False).tokens.size for b in batches)
 
 
 @pytest.mark.parametrize("args,expect", [

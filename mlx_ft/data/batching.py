@@ -188,8 +188,13 @@ def collate(samples: list[Sample], plan: Plan, max_seq_len: int, pack: bool, pad
     return Batch(tokens, mask, segments, int(mask.sum()), B * L - used)
 
 
+def positions(samples: list[Sample], plans: list[Plan], max_seq_len: int, pack: bool) -> int:
+    """Positions the model runs over these batches, padding included (rows x padded width)."""
+    return sum(len(p) * row_width(samples, p, max_seq_len, pack) for p in plans)
+
+
 def padding_fraction(samples: list[Sample], plans: list[Plan], max_seq_len: int, pack: bool) -> float:
     """Share of the positions in these batches that are padding (wasted compute)."""
-    total = sum(len(p) * row_width(samples, p, max_seq_len, pack) for p in plans)
+    total = positions(samples, plans, max_seq_len, pack)
     real = sum(len(samples[i].tokens) for p in plans for row in p for i in row)
     return 1 - real / total if total else 0.0

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..recipe import DataConfig, Recipe
-from .batching import Sample, epoch_batches, padding_fraction
+from .batching import Sample, epoch_batches, padding_fraction, positions
 from .formats import Record, read_file
 from .render import render
 from .sources import resolve_files
@@ -136,6 +136,7 @@ def _batching(samples: list[Sample], recipe: Recipe) -> dict:
     return {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "pack": d.pack,
             "max_seq_len": d.max_seq_len, "batches_per_epoch": len(plans),
             "steps_per_epoch": -(-len(plans) // t.grad_accum),
+            "positions": positions(samples, plans, d.max_seq_len, d.pack),
             "padding_fraction": round(padding_fraction(samples, plans, d.max_seq_len, d.pack), 4)}
 
 

@@ -253,18 +253,13 @@ def count_epoch_tokens(recipe) -> tuple[int | None, str]:
     """Padded tokens of one epoch, by running the data pipeline, when the tokenizer is at hand."""
     try:
         from ..data import load_datasets
-        from ..data.batching import epoch_batches, row_width
         from ..data.report import load_tokenizer
 
-        tokenizer = load_tokenizer(recipe)
-        splits = load_datasets(recipe, tokenizer)
-        d, t = recipe.data, recipe.training
-        plans = epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
-        # rows x width per batch; train.py pads unpacked widths up to a multiple of 32
-        padded = sum(len(p) * (-(-row_width(splits.train, p, d.max_seq_len, d.pack) // 32) * 32 if not d.pack
-                               else d.max_seq_len) for p in plans)
-        real = sum(len(x.tokens) for x in splits.train)
-        return int(padded), f"{real:,} dataset tokens, {padded:,} with padding, in {len(plans)} batches"
+        splits = load_datasets(recipe, load_tokenizer(recipe))
+        # the data stage batched the first epoch for its report: rows x padded width, as collate pads
+        batching = splits.stats["batching"]
+        padded, real = batching["positions"], splits.stats["train"]["tokens"]
+        return int(padded), f"{real:,} dataset tokens, {padded:,} with padding, in {batching['batches_per_epoch']} batches"
     except Exception as e:  # no tokenizer offline, data missing: the plan still stands without time
         return None, f"dataset not counted ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); pass --tokens N"
 
