@@ -180,6 +180,18 @@ def test_plan_recipe_counts_tokens(tmp_path, tiny_model_dir, chat_jsonl):
     assert d["tokens_per_epoch"] == sum(collate(samples, b, 128, False).tokens.size for b in batches)
 
 
+def test_planned_row_is_the_widest_row_collate_makes():
+    """Unpacked widths round up to a multiple of 8 but never past max_seq_len."""
+    from mlx_ft.data.batching import Sample, row_width
+    from mlx_ft.planner import settings_from_recipe
+    from mlx_ft.recipe import recipe_from_dict
+
+    longest = [Sample(list(range(100)), [True] * 100)]
+    assert row_width(longest, [[0]], 100, pack=False) == 100
+    r = recipe_from_dict({"model": {"path": "x"}, "data": {"train": "t.jsonl", "max_seq_len": 100}})
+    assert settings_from_recipe(r).seq_len + 1 == 100
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--model", "Qwen/Qwen2.5-7B", "--machine", "m9-ultra-1024"], "known machines: m1-8"),
     (["--model", "nobody/no-such-model-xyz", "--machine", "m4-max-128"], "hf download nobody/no-such-model-xyz config.json"),

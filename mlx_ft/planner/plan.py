@@ -14,8 +14,8 @@ from .memory import Estimate, Settings, adapted_layers, adapted_modules, estimat
 def settings_from_recipe(recipe) -> Settings:
     """The memory-relevant choices of a Recipe, at the worst-case row length."""
     a, d, t, q = recipe.adapter, recipe.data, recipe.training, recipe.model.quantize
-    # collate pads unpacked rows to a multiple of 8, then the loss feeds tokens[:, :-1]
-    L = d.max_seq_len if d.pack else -(-d.max_seq_len // 8) * 8
+    # the widest row collate makes is max_seq_len (packed or not); the loss feeds tokens[:, :-1]
+    L = d.max_seq_len
     return Settings(
         method=a.method, quant_bits=q.bits if q else None, quant_group=q.group_size if q else 64,
         rank=a.rank, layers=None if a.layers == "all" else int(a.layers),
