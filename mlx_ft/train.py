@@ -257,12 +257,13 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         (loss_sum, n_tok), grads = grad_fn(model, tokens, mask, *segments)
         return loss_sum, n_tok, grads
 
-    # loss_normalization "epoch": every step divides by one number, the epoch's supervised targets
-    # (a sample's first token is never one) per optimizer step; "step": by the step's own count.
+    # loss_normalization "epoch": every step divides by one number, the epoch's supervised tokens
+    # (render never supervises a sample's first token, so each is a target) per optimizer step, both
+    # from the data stage's report; "step": by the step's own count.
     epoch_divisor = None
     if t.loss_normalization == "epoch":
-        targets = sum(sum(s.mask[1:]) for s in splits.train)
-        epoch_divisor = mx.array(targets / splits.stats["batching"]["steps_per_epoch"], dtype=mx.float32)
+        per_step = splits.stats["train"]["supervised_tokens"] / splits.stats["batching"]["steps_per_epoch"]
+        epoch_divisor = mx.array(per_step, dtype=mx.float32)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grads, divisor):

@@ -428,6 +428,14 @@ def test_loss_normalization_sets_the_gradient_divisor(tmp_path, tiny_model_dir, 
         runs[norm] = (b, train_rows(result.run_dir)[0]["tokens"], result.summary["data"])
     (b_step, step_tokens, stats), (b_epoch, _, _) = runs["step"], runs["epoch"]
     mean_per_step = stats["train"]["supervised_tokens"] / stats["batching"]["steps_per_epoch"]
+    # the report's supervised tokens are the loss's targets: no sample supervises its first token
+    from mlx_ft.data import load_datasets
+    from mlx_ft.data.report import load_tokenizer
+
+    recipe = load_recipe(tmp_path / "epoch.toml")
+    samples = load_datasets(recipe, load_tokenizer(recipe)).train
+    assert not any(s.mask[0] for s in samples)
+    assert sum(sum(s.mask[1:]) for s in samples) == stats["train"]["supervised_tokens"]
     assert step_tokens != pytest.approx(mean_per_step, rel=0.05)  # the two really differ here
     for k, v in b_step.items():
         assert mx.abs(v).max().item() > 0
