@@ -20,12 +20,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .chunking import chunk_positions
 from .errors import ModelError
-
-
-# Upper bound on one chunk's float32 logits (rows x positions x vocab x 4 bytes); see _max_chunk.
-CHUNK_LOGITS_BYTES = 32 * 2**20
-MIN_CHUNK = 16
 
 
 class _MaskCache:
@@ -142,8 +138,8 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
     Args:
         tokens: int32 [B, L]; mask: bool [B, L], True where token t is a supervised target;
         segments: int32 [B, L] packed-sample ids or None; chunk_size: at most this many positions
-        per logits chunk, fewer when one chunk's logits would pass CHUNK_LOGITS_BYTES (0 = all at
-        once, no cap); exact_head: False when `check_architecture` found that the
+        per logits chunk, fewer when one chunk's logits would pass chunking.CHUNK_LOGITS_BYTES (0 =
+        all at once, no cap); exact_head: False when `check_architecture` found that the
         hidden-state path differs from `model(x)` for this model (then full logits are used);
         grad: False when nothing will differentiate the result (validation): chunks then compute
         their loss only, not the dL/dh that the fused chunks prepare for the backward pass.
@@ -166,8 +162,7 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
         return (nn.losses.cross_entropy(logits, t_c) * w_c).sum()
 
     n = h.shape[1]
-    step = min(chunk_size, _max_chunk(model, h.shape[0])) if chunk_size else n
-    step = min(step, n)
+    step = chunk_positions(chunk_size, h.shape[0], _vocab(model), n)
     head = _head_module(model)
     fused = _head_is_frozen(model)
     if not chunk_size or (step == n and not fused):
@@ -191,20 +186,13 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
     return total, weights.sum()
 
 
-def _max_chunk(model, rows: int) -> int:
-    """Positions per chunk such that one chunk's float32 logits take at most CHUNK_LOGITS_BYTES.
-
-    MLX schedules ops ahead of the ones running (on the CPU backend a few dozen chunk-sized
-    buffers were alive at once), so the loss's memory grows with the chunk, not with the number
-    of chunks: measured on a 128k vocabulary, rows of 1024, batch 2, peak 4.6 GB at 512 positions,
-    2.2 GB at 64, 1.5 GB at 32 (docs/benchmarks.md). Chunks of 32 to 512 positions took the same
-    time within noise (same FLOPs; the matmuls stay large).
-    """
+def _vocab(model) -> int:
+    """Vocabulary size (the head's output width), for the chunk cap; 1 when unknown, which puts the
+    cap far beyond any row."""
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if embed is None or not hasattr(embed, "weight"):
-        return 1 << 30
-    vocab = embed.weight.shape[0]
-    return max(MIN_CHUNK, CHUNK_LOGITS_BYTES // (4 * rows * vocab))
+        return 1
+    return embed.weight.shape[0]
 
 
 def _head_module(model):

@@ -5,7 +5,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_ft import losses
+from mlx_ft import chunking, losses
 from mlx_ft.models import apply_adapters, load_base
 from mlx_ft.recipe import AdapterConfig, ModelConfig
 from mlx_ft.tiny import FAMILIES, build_tiny_model
@@ -111,9 +111,9 @@ def test_chunk_is_capped_by_logits_bytes(tiny_model_dir, monkeypatch):
     vocab = model.model.embed_tokens.weight.shape[0]
     tokens, mask = batch(vocab)
     v0, g0 = value_and_grads(model, tokens, mask, chunk=0)
-    monkeypatch.setattr(losses, "CHUNK_LOGITS_BYTES", 4 * 3 * vocab * 5)  # 5 positions of 3 rows
-    monkeypatch.setattr(losses, "MIN_CHUNK", 1)
-    assert losses._max_chunk(model, 3) == 5
+    monkeypatch.setattr(chunking, "CHUNK_LOGITS_BYTES", 4 * 3 * vocab * 5)  # 5 positions of 3 rows
+    monkeypatch.setattr(chunking, "MIN_CHUNK", 1)
+    assert chunking.chunk_positions(512, 3, losses._vocab(model), 99) == 5
     v1, g1 = value_and_grads(model, tokens, mask, chunk=512)
     assert abs(v0.item() - v1.item()) <= 1e-4 * abs(v0.item())
     for k in g0:

@@ -63,15 +63,14 @@ def test_memory_model_mechanisms():
         i * o for i, o in sh.linears().values()) * 2
 
 
-def test_loss_chunk_mirrors_mlx_ft_losses():
-    """The planner models the chunk mlx_ft.losses picks (its cap is copied, not imported: no mlx)."""
-    from mlx_ft import losses
+def test_loss_chunk_is_the_one_mlx_ft_losses_picks():
+    """The planner and mlx_ft.losses share mlx_ft.chunking (pure Python: `mlxft plan` needs no mlx)."""
+    from mlx_ft.chunking import MIN_CHUNK
     from mlx_ft.planner import memory
 
-    assert (memory.CHUNK_LOGITS_BYTES, memory.MIN_CHUNK) == (losses.CHUNK_LOGITS_BYTES, losses.MIN_CHUNK)
     sh = load_shape("Qwen/Qwen2.5-7B")  # 152,064-entry vocabulary
     assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=512)) == 55
-    assert memory.loss_chunk_positions(sh, Settings(batch_size=8, seq_len=4095, loss_chunk=512)) == losses.MIN_CHUNK
+    assert memory.loss_chunk_positions(sh, Settings(batch_size=8, seq_len=4095, loss_chunk=512)) == MIN_CHUNK
     assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=40, loss_chunk=512)) == 40
     assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=0)) == 4095
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..chunking import chunk_positions
 from .configs import ModelShape
 
 GIB = 2**30
@@ -65,9 +66,6 @@ PHASE_OVERLAP = 0.35
 (the scheduler starts the top block's backward before the last loss chunks are freed). Mechanisms
 `overlap`: two adapted blocks, 1023-token rows, vocabulary 1024-16384, whole-row chunks; the peak
 grows by 0.35 of the loss while the loss is the smaller set and by all of it once it is larger."""
-# Mirrors of mlx_ft.losses (the planner does not import mlx); tests/test_planner.py checks they agree.
-CHUNK_LOGITS_BYTES = 32 * 2**20
-MIN_CHUNK = 16
 MOE_HIDDEN_COPIES = 4.0
 """Hidden-size tensors a MoE block keeps per routed copy of a token (its top-k): the experts' output
 and down-projection adapter terms, unsorted back to token order, and weighted by the router
@@ -223,12 +221,8 @@ def activation_bytes_per_token(shape: ModelShape, st: Settings, layer: int | Non
 
 
 def loss_chunk_positions(shape: ModelShape, st: Settings) -> int:
-    """Positions per loss chunk, as mlx_ft.losses picks them: the recipe's loss_chunk_size, fewer
-    when one chunk's float32 logits would pass CHUNK_LOGITS_BYTES, at most the row."""
-    if not st.loss_chunk:
-        return st.seq_len
-    cap = max(MIN_CHUNK, CHUNK_LOGITS_BYTES // (4 * st.batch_size * shape.vocab))
-    return min(st.loss_chunk, cap, st.seq_len)
+    """Positions per loss chunk, as mlx_ft.losses picks them (mlx_ft.chunking)."""
+    return chunk_positions(st.loss_chunk, st.batch_size, shape.vocab, st.seq_len)
 
 
 def estimate(shape: ModelShape, st: Settings) -> Estimate:
