@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import schedule
 from .configs import ModelShape
 
 GIB = 2**30
@@ -33,21 +34,6 @@ LOGITS_FULL_BYTES = {4: 12.5, 2: 19.0}
 """Bytes per (row x position x vocab entry) of the loss computed in one piece (loss_chunk_size 0):
 plain autodiff keeps the head output, its float32 copy and the softmax until the backward pass,
 where the softmax gradient joins them."""
-LOSS_ENTRY_BYTES = {4: 17.0, 2: 20.5}
-"""Bytes per (row x position x vocab entry) of one fused loss chunk (mlx_ft.losses._fused_chunk),
-by model dtype bytes: the head output, its float32 copy, the softmax and dL/dlogits. Mechanisms
-`loss`: the vocabulary slope of the peak (8192 vs 24576) when every chunk is alive at once
-(chunks of 256+ positions on 1023-token rows): 20.5 on bfloat16, 17.0 on float32."""
-LOSS_CHUNKS_IN_FLIGHT = 4.0
-"""Loss chunks whose working sets are alive at once (see LOSS_ROW_IN_FLIGHT)."""
-LOSS_ROW_IN_FLIGHT = 1 / 8
-"""The loss holds the working sets of about LOSS_CHUNKS_IN_FLIGHT chunks plus this share of the
-row's positions, never more than the row: MLX's scheduler allocates the next chunks' outputs while
-earlier ones compute, so memory grows with the chunk and a little with the row, not with one
-chunk. Mechanisms `loss` (positions alive, from the vocabulary slope): 172-252 at chunks of 16 on
-1023-token rows, 194-227 at 32, 355-406 at 64, 357-367 at 85-96 on 511-token rows, 722-782 at
-128 on 1023-token rows, the same per row for batch 1, 2 and 4; the formula gives 192, 256, 384
-(320 at 511), 404-448 and 640."""
 MLX_LM_LOGITS_COPIES = 4
 """mlx-lm's default_loss holds about 4 model-dtype copies of the B x L x V logits (planner-facts §3.6:
 8.0 bytes per entry measured for a float16 model)."""
@@ -286,10 +272,9 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     if st.loss_impl == "mlx_lm":
         logits = B * V * L * MLX_LM_LOGITS_COPIES * sk
     elif st.loss_chunk:
-        # Fused chunks: several chunks' working sets in flight, plus the dL/dh every chunk keeps
-        # (model dtype) for the backward pass.
-        in_flight = min(L, LOSS_CHUNKS_IN_FLIGHT * loss_chunk_positions(shape, st) + LOSS_ROW_IN_FLIGHT * L)
-        logits = B * V * in_flight * LOSS_ENTRY_BYTES[sk] + B * L * shape.hidden * s
+        # Fused chunks: what MLX's evaluator holds at once, from the loss graph it runs (several
+        # chunks' logits interleaved, and each chunk's dL/dh as a [B, L, hidden] slice update).
+        logits = schedule.loss_peak_bytes(B, L, loss_chunk_positions(shape, st), V, shape.hidden, sk)
     else:
         logits = B * V * L * LOGITS_FULL_BYTES[sk]
     if shape.is_moe:
