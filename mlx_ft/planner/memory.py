@@ -7,8 +7,9 @@ never uses fused attention when differentiating, so each adapted block keeps a B
 matrix), the working set of the backward pass through one block, the chunked cross-entropy, and
 the optimizer update (old and new weights and moments alive at once), when that is the larger phase.
 
-Only a few constants are calibrated, all of them properties of MLX's scheduler rather than of a
-model; each says where its value comes from.
+The chunked cross-entropy is replayed from its graph by `schedule.loss_peak_bytes`, with MLX's own
+scheduling numbers and nothing fitted. The few other constants are calibrated, all of them
+properties of MLX's autodiff and scheduler rather than of a model; each says where its value comes from.
 """
 
 from __future__ import annotations
