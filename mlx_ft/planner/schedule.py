@@ -170,9 +170,10 @@ def _scheduled(g: _Graph, i: int) -> bool:
     return not g.inputs[i]
 
 
-def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> float:
-    """Peak bytes when the main thread allocates at dispatch and the worker, `run_ahead` dispatches
-    behind, frees a buffer once it has run the release of the buffer's last consumer. An op takes
+def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> tuple[float, float]:
+    """(peak bytes, bytes alive when the main thread dispatches the last op) when the main thread
+    allocates at dispatch and the worker, `run_ahead` dispatches behind, frees a buffer once it has
+    run the release of the buffer's last consumer. An op takes
     a donor input's buffer instead of allocating when no other array holds it: every other
     consumer of that buffer has been dispatched and released by the worker."""
     first, release = {}, {}  # array -> its first dispatch, its release dispatch
@@ -216,13 +217,22 @@ def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> 
         if m - run_ahead >= 0:
             alive -= frees[m - run_ahead]
         peak = max(peak, alive)
-    return peak
+    return peak, alive
 
 
 @lru_cache(maxsize=256)
-def loss_peak_bytes(B: int, n: int, step: int, V: int, D: int, s: int, width: int = BFS_MAX_WIDTH,
-                    run_ahead: int = RUN_AHEAD) -> float:
-    """Peak bytes the loss's own arrays take while MLX evaluates it (logits chunks in flight, the
-    [B, n, D] dL/dh slices being summed); `n` positions per row, chunks of `step`."""
+def loss_bytes(B: int, n: int, step: int, V: int, D: int, s: int, width: int = BFS_MAX_WIDTH,
+               run_ahead: int = RUN_AHEAD) -> tuple[float, float]:
+    """(peak, end): the bytes the loss's own arrays take at their peak while MLX evaluates the loss
+    (logits chunks in flight, the [B, n, D] dL/dh slices being summed), and those still alive when
+    its last op is dispatched, where the backward pass through the blocks starts allocating. One
+    chunk peaks at its end; several interleaved chunks peak before it. `n` positions per row,
+    chunks of `step`."""
     g, outputs = _loss_graph(B, n, step, V, D, s)
     return _replay(g, _tape(g, outputs, width), outputs, run_ahead)
+
+
+def loss_peak_bytes(B: int, n: int, step: int, V: int, D: int, s: int, width: int = BFS_MAX_WIDTH,
+                    run_ahead: int = RUN_AHEAD) -> float:
+    """The peak of `loss_bytes`."""
+    return loss_bytes(B, n, step, V, D, s, width, run_ahead)[0]
