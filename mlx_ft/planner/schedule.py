@@ -192,17 +192,29 @@ def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> 
     for a in range(len(g.inputs)):
         members.setdefault(owner[a], []).append(a)
     outs = set(outputs)
+    users: dict[int, list[int]] = {}  # buffer -> the arrays that read it, in dispatch order
+
+    def users_of(b: int) -> list[int]:
+        if b not in users:
+            users[b] = sorted((c for m in members[b] for c in consumers.get(m, [])), key=first.__getitem__)
+        return users[b]
+
     for a in order:
         done = first[a] - run_ahead  # the worker has run every dispatch before this one
         for j in g.donors[a]:
             b = owner[g.inputs[a][j]]
             if not g.inputs[b] or any(m in outs for m in members[b]):
                 continue
-            users = [c for m in members[b] for c in consumers.get(m, []) if c != a]
-            if all(first[c] < first[a] and release[c] < done for c in users):
+            us = users_of(b)
+            if us[-1] != a:  # a later op still reads it
+                continue
+            others = [c for c in us if c != a]
+            if not others or release[others[-1]] < done:  # every other reader released by the worker
                 for m in members.pop(a):
                     owner[m] = b
                     members[b].append(m)
+                users.pop(b, None)
+                users.pop(a, None)
                 break
     allocs, frees = [0.0] * (k + 1), [0.0] * (k + 1)
     for b, ms in members.items():
