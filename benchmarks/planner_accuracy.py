@@ -178,6 +178,22 @@ GRID = [
     ("llama-256-f32", dict(L=64, method="full", calib=True)),
     ("qwen2-320-f32", dict(L=96, method="full", layers=2)),
     ("llama-384-bf16", dict(L=128, B=2, method="full", layers=3)),
+    # Held out, added with the evaluator model of the loss (memory.schedule, 2026-11-24 14:30), never
+    # looked at before it was frozen: other chunk sizes (24-200), batch 3, long rows with small
+    # chunks (where each chunk's [B, L, hidden] dL/dh slice update adds up), checkpointing.
+    ("llama-256-bf16-v8k", dict(L=2048, layers=1, chunk=24)),
+    ("qwen2-448-f32-v6k", dict(L=1536, layers=1, chunk=16)),
+    ("llama-192-bf16-v12k", dict(L=384, B=3, layers=2, chunk=48)),
+    ("qwen2-384-bf16-tied", dict(L=768, B=2, layers=2, chunk=200)),
+    ("llama-512-bf16-mha-v16k", dict(L=1024, layers=1, chunk=40)),
+    ("llama-320-bf16-mha-v48k", dict(L=384, B=3, layers=2)),
+    ("llama-256-f32-v8k", dict(L=1024, ckpt=True, chunk=64)),
+    # Held out, added at 15:10 after the block share was counted on top of the loss's end (rows 0-81
+    # were all seen by then); predictions frozen before the first measurement.
+    ("llama-256-f32-v8k", dict(L=768, B=2, layers=2, chunk=96)),
+    ("qwen2-448-f32-v6k", dict(L=768, B=2, layers=2, chunk=64)),
+    ("llama-192-bf16-v12k", dict(L=1024, ckpt=True, chunk=128)),
+    ("llama-512-bf16-mha-v16k", dict(L=384, B=3, layers=2, chunk=32)),
 ]
 QUICK = [36, 37, 39, 41, 42, 44]
 SEEN_ROWS = 36

@@ -75,6 +75,23 @@ def test_loss_chunk_is_the_one_mlx_ft_losses_picks():
     assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=0)) == 4095
 
 
+def test_loss_term_replays_mlx_evaluator():
+    """The fused loss's memory comes from replaying its compiled graph the way MLX's eval_impl runs
+    it (planner/schedule.py). Peaks of the loss alone measured on MLX 0.32.4's CPU backend
+    (benchmarks/loss_schedule.py: 1023 positions, hidden 128), with MLX's defaults and with the
+    evaluator's breadth-first width changed (MLX_BFS_MAX_WIDTH), which the model must follow."""
+    from mlx_ft.planner.schedule import loss_peak_bytes
+
+    measured = {  # (chunk, vocab, dtype bytes, BFS width) -> peak bytes
+        (64, 8192, 2, 20): 62.3e6, (64, 8192, 2, 1): 35.2e6, (64, 8192, 2, 100): 97.7e6,
+        (128, 24576, 2, 20): 364.9e6, (32, 24576, 2, 20): 118.2e6, (256, 8192, 4, 20): 143.0e6}
+    for (chunk, vocab, s, width), peak in measured.items():
+        assert loss_peak_bytes(1, 1023, chunk, vocab, 128, s, width) == pytest.approx(peak, rel=0.05)
+    # Each chunk's dL/dh is slice-updated into a [B, L, hidden] array before they are summed: on long
+    # rows with small chunks that dominates (measured 2.91 GB at 8191 positions, chunks of 16, hidden 512).
+    assert loss_peak_bytes(1, 8191, 16, 1024, 512, 2) == pytest.approx(2908.5e6, rel=0.05)
+
+
 @pytest.mark.parametrize("model,params", [
     ("meta-llama/Llama-3.1-8B", 8.03e9), ("meta-llama/Llama-3.1-70B", 70.55e9), ("Qwen/Qwen2.5-7B", 7.62e9),
     ("Qwen/Qwen2.5-32B", 32.76e9), ("Qwen/Qwen3-8B", 8.19e9), ("mistralai/Mistral-7B-v0.3", 7.25e9),

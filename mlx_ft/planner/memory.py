@@ -7,8 +7,9 @@ never uses fused attention when differentiating, so each adapted block keeps a B
 matrix), the working set of the backward pass through one block, the chunked cross-entropy, and
 the optimizer update (old and new weights and moments alive at once), when that is the larger phase.
 
-Only a few constants are calibrated, all of them properties of MLX's scheduler rather than of a
-model; each says where its value comes from.
+The chunked cross-entropy is replayed from its graph by `schedule.loss_peak_bytes`, with MLX's own
+scheduling numbers and nothing fitted. The few other constants are calibrated, all of them
+properties of MLX's autodiff and scheduler rather than of a model; each says where its value comes from.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..chunking import chunk_positions
+from . import schedule
 from .configs import ModelShape
 
 GIB = 2**30
@@ -34,21 +36,6 @@ LOGITS_FULL_BYTES = {4: 12.5, 2: 19.0}
 """Bytes per (row x position x vocab entry) of the loss computed in one piece (loss_chunk_size 0):
 plain autodiff keeps the head output, its float32 copy and the softmax until the backward pass,
 where the softmax gradient joins them."""
-LOSS_ENTRY_BYTES = {4: 17.0, 2: 20.5}
-"""Bytes per (row x position x vocab entry) of one fused loss chunk (mlx_ft.losses._fused_chunk),
-by model dtype bytes: the head output, its float32 copy, the softmax and dL/dlogits. Mechanisms
-`loss`: the vocabulary slope of the peak (8192 vs 24576) when every chunk is alive at once
-(chunks of 256+ positions on 1023-token rows): 20.5 on bfloat16, 17.0 on float32."""
-LOSS_CHUNKS_IN_FLIGHT = 4.0
-"""Loss chunks whose working sets are alive at once (see LOSS_ROW_IN_FLIGHT)."""
-LOSS_ROW_IN_FLIGHT = 1 / 8
-"""The loss holds the working sets of about LOSS_CHUNKS_IN_FLIGHT chunks plus this share of the
-row's positions, never more than the row: MLX's scheduler allocates the next chunks' outputs while
-earlier ones compute, so memory grows with the chunk and a little with the row, not with one
-chunk. Mechanisms `loss` (positions alive, from the vocabulary slope): 172-252 at chunks of 16 on
-1023-token rows, 194-227 at 32, 355-406 at 64, 357-367 at 85-96 on 511-token rows, 722-782 at
-128 on 1023-token rows, the same per row for batch 1, 2 and 4; the formula gives 192, 256, 384
-(320 at 511), 404-448 and 640."""
 MLX_LM_LOGITS_COPIES = 4
 """mlx-lm's default_loss holds about 4 model-dtype copies of the B x L x V logits (planner-facts §3.6:
 8.0 bytes per entry measured for a float16 model)."""
@@ -65,7 +52,12 @@ PHASE_OVERLAP = 0.35
 """Share of the smaller of the loss and block-backward working sets alive at the larger's peak
 (the scheduler starts the top block's backward before the last loss chunks are freed). Mechanisms
 `overlap`: two adapted blocks, 1023-token rows, vocabulary 1024-16384, whole-row chunks; the peak
-grows by 0.35 of the loss while the loss is the smaller set and by all of it once it is larger."""
+grows by 0.35 of the loss while the loss is the smaller set and by all of it once it is larger.
+The block backward's share counts on top of what the loss still holds when it ends
+(`schedule.loss_bytes`), which is its peak for one chunk but less when several chunks interleave
+and peak before the end: with chunks of 128 (8 a row) the same experiment's peak followed the loss
+alone once it was the larger set (+0.2 to +0.5 % with no block share, +5.6 to +13.9 % with 0.35;
+measured 15:03 after grid rows 26, 78 and 79 missed that way)."""
 MOE_HIDDEN_COPIES = 4.0
 """Hidden-size tensors a MoE block keeps per routed copy of a token (its top-k): the experts' output
 and down-projection adapter terms, unsorted back to token order, and weighted by the router
@@ -280,12 +272,13 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     if st.loss_impl == "mlx_lm":
         logits = B * V * L * MLX_LM_LOGITS_COPIES * sk
     elif st.loss_chunk:
-        # Fused chunks: several chunks' working sets in flight, plus the dL/dh every chunk keeps
-        # (model dtype) for the backward pass.
-        in_flight = min(L, LOSS_CHUNKS_IN_FLIGHT * loss_chunk_positions(shape, st) + LOSS_ROW_IN_FLIGHT * L)
-        logits = B * V * in_flight * LOSS_ENTRY_BYTES[sk] + B * L * shape.hidden * s
+        # Fused chunks: what MLX's evaluator holds at once, from the loss graph it runs (several
+        # chunks' logits interleaved, and each chunk's dL/dh as a [B, L, hidden] slice update).
+        logits, loss_end = schedule.loss_bytes(B, L, loss_chunk_positions(shape, st), V, shape.hidden, sk)
     else:
         logits = B * V * L * LOGITS_FULL_BYTES[sk]
+    if st.loss_impl == "mlx_lm" or not st.loss_chunk:
+        loss_end = logits  # one piece: its peak is its end
     if shape.is_moe:
         notes.append(f"mixture of experts: {shape.experts} experts, top-{shape.experts_per_tok}; every expert's "
                      f"weights are held, activations and time per epoch count the top-{shape.experts_per_tok} "
@@ -294,9 +287,10 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         if shape.model_type not in ("qwen3_moe", "mixtral"):
             notes.append(f"{shape.model_type}: modelled like qwen3_moe (routed experts only); shared experts or "
                          "other MoE parts of this architecture are not counted")
-    # The loss runs before the backward pass through the blocks; only part of the smaller of the
-    # two working sets is alive at the larger one's peak.
-    overlap = -(1 - PHASE_OVERLAP) * min(logits, block_phase)
+    # The loss runs before the backward pass through the blocks: at the block phase's peak a share of
+    # the loss is alive, and a share of the block phase on top of what the loss holds at its end.
+    phases = max(logits, loss_end + PHASE_OVERLAP * block_phase, block_phase + PHASE_OVERLAP * logits)
+    overlap = phases - logits - block_phase
 
     breakdown = {
         "weights": weights,
