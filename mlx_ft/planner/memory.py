@@ -284,6 +284,12 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
                      f"weights are held, activations and time per epoch count the top-{shape.experts_per_tok} "
                      f"({shape.total_params(active=True) / 1e9:.2f}B of {shape.total_params() / 1e9:.2f}B "
                      "parameters active per token)")
+        router_frozen = not any(shape.router(m) for layer in span for m in adapted_modules(shape, st, layer))
+        if st.grad_checkpointing and router_frozen and (st.quant_bits or shape.quantized_bits):
+            # docs/planner.md, MoE rows 60, 69, 70: MLX's tape order, not a tensor the model misses
+            notes.append("a quantized MoE with checkpointing and a frozen router measured up to 15 % above this "
+                         "estimate on tiny models (MLX's evaluation order; docs/planner.md): keep that margin, or "
+                         "check with --probe")
         if shape.model_type not in ("qwen3_moe", "mixtral"):
             notes.append(f"{shape.model_type}: modelled like qwen3_moe (routed experts only); shared experts or "
                          "other MoE parts of this architecture are not counted")
