@@ -194,6 +194,11 @@ GRID = [
     ("qwen2-448-f32-v6k", dict(L=768, B=2, layers=2, chunk=64)),
     ("llama-192-bf16-v12k", dict(L=1024, ckpt=True, chunk=128)),
     ("llama-512-bf16-mha-v16k", dict(L=384, B=3, layers=2, chunk=32)),
+    # Held out, 2026-12-03: LoRA on one linear only (row 28's model), where the evaluation order
+    # alone moves the checkpointed peak (docs/planner.md, Known issues); all three miss.
+    ("llama-128-f32-8l", dict(L=1024, B=2, ckpt=True, targets=["q_proj"])),
+    ("llama-128-f32-8l", dict(L=1024, B=2, ckpt=True, targets=["down_proj"])),
+    ("llama-128-f32-8l", dict(L=1024, B=2, targets=["down_proj"])),
 ]
 QUICK = [36, 37, 39, 41, 42, 44]
 SEEN_ROWS = 36
