@@ -199,6 +199,13 @@ GRID = [
     ("llama-128-f32-8l", dict(L=1024, B=2, ckpt=True, targets=["q_proj"])),
     ("llama-128-f32-8l", dict(L=1024, B=2, ckpt=True, targets=["down_proj"])),
     ("llama-128-f32-8l", dict(L=1024, B=2, targets=["down_proj"])),
+    # Held out, 2026-12-03 20:20: other target subsets, predictions frozen (with the inputs of
+    # frozen linears no longer counted) before their first measurement.
+    ("qwen2-448-f32-v6k", dict(L=512, B=2, layers=2, targets=["v_proj", "o_proj"])),
+    ("llama-384-bf16", dict(L=512, layers=3, targets=["gate_proj", "up_proj"])),
+    ("llama-256-bf16-v8k", dict(L=768, targets=["q_proj", "v_proj"])),
+    ("llama-192-bf16-v12k", dict(L=512, B=2, targets=["down_proj"], chunk=128)),
+    ("llama-384-f32", dict(L=512, layers=3, ckpt=True, targets=["q_proj", "v_proj"])),
 ]
 QUICK = [36, 37, 39, 41, 42, 44]
 SEEN_ROWS = 36
