@@ -199,8 +199,9 @@ GRID = [
     ("llama-128-f32-8l", dict(L=1024, B=2, ckpt=True, targets=["q_proj"])),
     ("llama-128-f32-8l", dict(L=1024, B=2, ckpt=True, targets=["down_proj"])),
     ("llama-128-f32-8l", dict(L=1024, B=2, targets=["down_proj"])),
-    # Held out, 2026-12-03 20:20: other target subsets, predictions frozen (with the inputs of
-    # frozen linears no longer counted) before their first measurement.
+    # Held out, 2026-12-03 20:13: other target subsets, chosen to test a change that stopped counting
+    # the inputs of frozen linears (predictions frozen with it: rows 89-90 went 16 % low, so it was
+    # reverted; the model of d6d6694 was never looked at with them).
     ("qwen2-448-f32-v6k", dict(L=512, B=2, layers=2, targets=["v_proj", "o_proj"])),
     ("llama-384-bf16", dict(L=512, layers=3, targets=["gate_proj", "up_proj"])),
     ("llama-256-bf16-v8k", dict(L=768, targets=["q_proj", "v_proj"])),

@@ -182,12 +182,11 @@ def moe_bytes_per_token(shape: ModelShape, layer: int | None = None) -> float:
 def activation_bytes_per_token(shape: ModelShape, st: Settings, layer: int | None = None) -> tuple[int, int]:
     """(base, adapter extra) bytes one adapted block saves for the backward pass, per token.
 
-    Base, in the model dtype: block input, q, k, v, the residual, three intermediate-size tensors
-    of the MLP (gate, up, and what the fused SwiGLU vjp keeps), and the inputs of the adapted
-    linears: both norm outputs, the attention output, and the MLP output that feeds down_proj,
-    which is kept once more: as itself in a float32 model, or as its float32 copy in a 16-bit one
-    (measured: 20 bytes per intermediate unit per token in float32, 11.7 in bfloat16). An input
-    that feeds only frozen linears is not kept. A MoE block's MLP is `moe_bytes_per_token` instead.
+    Base, in the model dtype: block input, both norm outputs, q, k, v, attention output, the
+    residual, and four intermediate-size tensors of the MLP (gate, up, and what the fused SwiGLU
+    vjp keeps). The MLP output that feeds down_proj is kept once more: as itself in a float32
+    model, or as its float32 copy in a 16-bit one (measured: 20 bytes per intermediate unit per
+    token in float32, 11.7 in bfloat16). A MoE block's MLP is `moe_bytes_per_token` instead.
     Adapter extra: LoRA's A and B are float32, so on a 16-bit base `x @ A` promotes each distinct
     adapter input to float32 and keeps it (mx.compile merges the copies q/k/v and gate/up share),
     plus every x @ A (rank wide); DoRA also keeps each adapted output before the magnitude scaling.
@@ -198,16 +197,8 @@ def activation_bytes_per_token(shape: ModelShape, st: Settings, layer: int | Non
     H, s = shape.hidden, shape.dtype_bytes
     moe = moe_bytes_per_token(shape, layer)
     I = 0 if moe else shape.intermediate
+    base = s * (4 * H + 2 * shape.d_q + 2 * shape.d_kv + 4 * I) + (4 * I if s >= 4 else 0) + moe
     mods = adapted_modules(shape, st, layer)
-    # A frozen linear's vjp needs its weight, not its input: the tensors that only feed linears
-    # (the two norms' outputs, the attention output, the down_proj input) are kept only when a
-    # linear they feed gets a gradient for its weights.
-    fed = {_INPUT_OF[m.rsplit(".", 1)[-1]] for m in mods}
-    feeds = {"attn_in": H, "attn_out": shape.d_q, "mlp_in": H}
-    base = s * (2 * H + shape.d_q + 2 * shape.d_kv + 3 * I + sum(d for k, d in feeds.items() if k in fed))
-    if "mlp_mid" in fed:
-        base += s * I + (4 * I if s >= 4 else 0)
-    base += moe
     experts = {_INPUT_OF[m.rsplit(".", 1)[-1]]: i * shape.copies(m, active=True)
                for m, (i, _) in mods.items() if shape.copies(m) > 1}
     if st.method == "full":
