@@ -41,9 +41,10 @@ COMPILE_MAX_DEPTH = 11
 
 class _Graph:
     """Arrays of a lazy graph: inputs (indices), bytes of the buffer it allocates, the array whose
-    buffer it shares (a view), how many computations it dispatches, and which inputs it may take
+    buffer it shares (a view), how many computations it dispatches, which inputs it may take
     the buffer of (MLX donates an input's buffer to an element-wise output of the same size when
-    nothing else holds it)."""
+    nothing else holds it), and whether it is already evaluated (the step's inputs and
+    parameters: by default, the arrays with no inputs)."""
 
     def __init__(self):
         self.inputs: list[list[int]] = []
@@ -51,14 +52,17 @@ class _Graph:
         self.buffer: list[int] = []
         self.dispatches: list[int] = []
         self.donors: list[tuple[int, ...]] = []
+        self.evaluated: list[bool] = []
 
-    def op(self, inputs: list[int], nbytes: float, donors: tuple[int, ...] = (), dispatches: int = 1) -> int:
+    def op(self, inputs: list[int], nbytes: float, donors: tuple[int, ...] = (), dispatches: int = 1,
+           evaluated: bool | None = None) -> int:
         i = len(self.inputs)
         self.inputs.append(inputs)
         self.nbytes.append(nbytes)
         self.buffer.append(i)
         self.dispatches.append(dispatches)
         self.donors.append(donors)
+        self.evaluated.append(not inputs if evaluated is None else evaluated)
         return i
 
     def view(self, inputs: list[int], of: int | None = None) -> int:
@@ -166,16 +170,31 @@ def _tape(g: _Graph, outputs: list[int], width: int = BFS_MAX_WIDTH) -> list[int
 
 
 def _scheduled(g: _Graph, i: int) -> bool:
-    """Arrays with no inputs are the step's inputs and parameters: already evaluated."""
-    return not g.inputs[i]
+    return g.evaluated[i]
 
 
-def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> tuple[float, float]:
-    """(peak bytes, bytes alive when the main thread dispatches the last op) when the main thread
-    allocates at dispatch and the worker, `run_ahead` dispatches behind, frees a buffer once it has
-    run the release of the buffer's last consumer. An op takes
-    a donor input's buffer instead of allocating when no other array holds it: every other
-    consumer of that buffer has been dispatched and released by the worker."""
+class Replayed:
+    """What `_replay` found: the peak, what is alive at the end, and every buffer's life."""
+
+    def __init__(self, peak: float, end: float, spans: list[tuple[int, int, float, int]], at: int):
+        self.peak, self.end = peak, end
+        self.spans = spans
+        """(first dispatch, dispatch after which the worker has freed it, bytes, owning array)."""
+        self.at = at
+        """The dispatch at which the peak is reached."""
+
+    def alive_at_peak(self) -> list[tuple[float, int]]:
+        """(bytes, owning array) of the buffers alive at the peak."""
+        return [(nb, b) for s, e, nb, b in self.spans if s <= self.at < e]
+
+
+def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> Replayed:
+    """Replay `order` when the main thread allocates at dispatch and the worker, `run_ahead`
+    dispatches behind, frees a buffer once it has run the release of the buffer's last consumer.
+    An op takes a donor input's buffer instead of allocating when no other array holds it: every
+    other consumer of that buffer has been dispatched and released by the worker."""
+    import numpy as np
+
     first, release = {}, {}  # array -> its first dispatch, its release dispatch
     k = 0
     for a in order:
@@ -185,51 +204,43 @@ def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> 
         k += 1
     consumers: dict[int, list[int]] = {}
     for a in order:
-        for q in g.inputs[a]:
+        for q in set(g.inputs[a]):
             consumers.setdefault(q, []).append(a)
-    owner = {a: g.buffer[a] for a in range(len(g.inputs))}  # array -> the array whose buffer it uses
+    owner = list(g.buffer)  # array -> the array whose buffer it uses
     members: dict[int, list[int]] = {}
     for a in range(len(g.inputs)):
         members.setdefault(owner[a], []).append(a)
     outs = set(outputs)
-    users: dict[int, list[int]] = {}  # buffer -> the arrays that read it, in dispatch order
-
-    def users_of(b: int) -> list[int]:
-        if b not in users:
-            users[b] = sorted((c for m in members[b] for c in consumers.get(m, [])), key=first.__getitem__)
-        return users[b]
-
     for a in order:
         done = first[a] - run_ahead  # the worker has run every dispatch before this one
         for j in g.donors[a]:
             b = owner[g.inputs[a][j]]
-            if not g.inputs[b] or any(m in outs for m in members[b]):
+            if g.evaluated[b] or any(m in outs for m in members[b]):
                 continue
-            us = users_of(b)
-            if us[-1] != a:  # a later op still reads it
+            readers = [c for m in members[b] for c in consumers.get(m, [])]
+            if max(readers, key=first.__getitem__) != a:  # a later op still reads it
                 continue
-            others = [c for c in us if c != a]
-            if not others or release[others[-1]] < done:  # every other reader released by the worker
+            if all(c == a or release[c] < done for c in readers):
                 for m in members.pop(a):
                     owner[m] = b
                     members[b].append(m)
-                users.pop(b, None)
-                users.pop(a, None)
                 break
-    allocs, frees = [0.0] * (k + 1), [0.0] * (k + 1)
+    spans = []
     for b, ms in members.items():
         if b not in first or not g.nbytes[b]:
             continue
-        allocs[first[b]] += g.nbytes[b]
-        if not any(m in outs for m in ms):
-            frees[max([release[c] for m in ms for c in consumers.get(m, [])] + [release[b]])] += g.nbytes[b]
-    peak = alive = 0.0
-    for m in range(k):
-        alive += allocs[m]
-        if m - run_ahead >= 0:
-            alive -= frees[m - run_ahead]
-        peak = max(peak, alive)
-    return peak, alive
+        if any(m in outs for m in ms):
+            end = k + run_ahead
+        else:
+            end = max([release[c] for m in ms for c in consumers.get(m, [])] + [release[b]]) + run_ahead
+        spans.append((first[b], end, g.nbytes[b], b))
+    delta = np.zeros(k + run_ahead + 2)
+    for s, e, nb, _ in spans:
+        delta[s] += nb
+        delta[e] -= nb
+    alive = np.cumsum(delta)
+    at = int(alive[:k].argmax()) if k else 0
+    return Replayed(float(alive[:k].max()) if k else 0.0, float(alive[k - 1]) if k else 0.0, spans, at)
 
 
 @lru_cache(maxsize=256)
@@ -241,7 +252,8 @@ def loss_bytes(B: int, n: int, step: int, V: int, D: int, s: int, width: int = B
     chunk peaks at its end; several interleaved chunks peak before it. `n` positions per row,
     chunks of `step`."""
     g, outputs = _loss_graph(B, n, step, V, D, s)
-    return _replay(g, _tape(g, outputs, width), outputs, run_ahead)
+    r = _replay(g, _tape(g, outputs, width), outputs, run_ahead)
+    return r.peak, r.end
 
 
 def loss_peak_bytes(B: int, n: int, step: int, V: int, D: int, s: int, width: int = BFS_MAX_WIDTH,
