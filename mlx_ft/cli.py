@@ -304,10 +304,14 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
               help="Macs training data-parallel (mlx.launch); adds the expected speed-up.")
 @click.option("--link", type=click.Choice(["tb5", "tb4", "10gbe", "1gbe"]), default="tb5", show_default=True,
               help="With --nodes: the link between the Macs.")
+@click.option("--memory-model", type=click.Choice(["auto", "replay", "formula"]), default="auto", show_default=True,
+              help="replay: MLX's graph of the training step, traced from the model class and replayed as MLX "
+                   "evaluates it; formula: the closed-form terms; auto: the replay when the step can be traced "
+                   "(dense models), else the formula.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
 def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
-         tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, as_json):
+         tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
     \b
@@ -332,7 +336,7 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
         from .recipe import load_recipe
 
         rec = load_recipe(recipe, list(overrides))
-        p = plan_recipe(rec, machine=machine, tokens=tokens, budget_gb=budget_gb)
+        p = plan_recipe(rec, machine=machine, tokens=tokens, budget_gb=budget_gb, memory_model=memory_model)
         if probe:
             from .planner.probe import probe_plan
 
@@ -346,7 +350,7 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
                       rank=rank, layers=None if layers == "all" else int(layers), batch_size=batch_size,
                       seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
         p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
-                       "no token count; pass --tokens N", budget_gb=budget_gb)
+                       "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
 

@@ -11,6 +11,7 @@ import pytest
 
 from mlx_ft.planner import estimate, load_shape, settings_from_recipe
 from mlx_ft.planner.probe import probe_recipe
+from mlx_ft.planner.replay import replay_estimate
 from mlx_ft.recipe import recipe_from_dict
 
 
@@ -36,6 +37,10 @@ def test_predicted_peak_within_10_percent(tmp_path, tiny_model_dir, adapter, tra
                                "data": {"train": "unused.jsonl"}, "training": training,
                                "output": {"dir": str(tmp_path / "run")}})
     short = probe_recipe(recipe, seq_len, tmp_path)
-    predicted = estimate(load_shape(str(tiny_model_dir)), settings_from_recipe(short)).peak_bytes
+    shape, st = load_shape(str(tiny_model_dir)), settings_from_recipe(short)
+    formula = estimate(shape, st).peak_bytes
+    replayed = replay_estimate(shape, st)
+    assert replayed.memory_model.startswith("replayed graph")
     measured = measure_in_fresh_process(recipe, seq_len)
-    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+    assert formula == pytest.approx(measured, rel=0.10), (formula, measured)
+    assert replayed.peak_bytes == pytest.approx(measured, rel=0.10), (replayed.peak_bytes, measured)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,6 +51,8 @@ class ModelShape:
     """The MoE module's name in a block, as mlx-lm builds it (Mixtral: block_sparse_moe)."""
     router_bits: int | None = None
     """Bits mlx-lm's quantization predicate gives the router (qwen3_moe: 8, group 64)."""
+    config: dict | None = field(default=None, compare=False, repr=False)
+    """The config.json it was read from: `planner.trace` builds the model class from it."""
 
     @property
     def dtype_bytes(self) -> int:
@@ -142,7 +144,7 @@ def shape_from_config(cfg: dict, name: str, source: str) -> ModelShape:
         norms_per_block=2 + int(cfg.get("extra_norms", 2 if model_type.startswith("gemma") else 0)),
         qk_norm=bool(cfg.get("qk_norm", model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text"))),
         quantized_bits=q.get("bits"), quantized_group_size=q.get("group_size"),
-        source=source,
+        source=source, config=cfg,
     )
 
 

@@ -113,6 +113,8 @@ class Estimate:
     trainable_params: int
     total_params: int
     notes: list[str] = field(default_factory=list)
+    memory_model: str = "formula"
+    """How the peak was found: "formula" (this module) or the replayed graph (planner.replay)."""
 
     @property
     def required_bytes(self) -> int:

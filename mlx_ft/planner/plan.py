@@ -75,6 +75,7 @@ class Plan:
             "efficiency": EFFICIENCY,
             "seconds_per_epoch": self.seconds_per_epoch,
             "notes": self.estimate.notes,
+            "memory_model": self.estimate.memory_model,
             "calibration": self.calibration,
             "cluster": self.cluster,
         }
@@ -114,8 +115,36 @@ class Plan:
                 f"<pre>{html.escape(chr(10).join(advice + _tail_lines(self)).strip())}</pre>")
 
 
+def predict(shape: ModelShape, st: Settings, memory_model: str = "auto") -> Estimate:
+    """The peak of one training step: from the replayed graph of the step (`planner.replay`) when
+    the model can be traced, else from the formula (`memory.estimate`).
+
+    Args:
+        memory_model: "auto" (the replay, the formula when the step cannot be traced), "replay"
+            or "formula".
+    Raises:
+        PlanError: memory_model "replay" and the step cannot be traced, or an unknown memory_model.
+    """
+    from .replay import replay_estimate
+
+    if memory_model not in ("auto", "replay", "formula"):
+        raise PlanError(f"memory model {memory_model!r}: expected auto, replay or formula")
+    if memory_model == "formula":
+        return estimate(shape, st)
+    try:
+        return replay_estimate(shape, st)
+    except Exception as e:  # TraceError, or anything tracing an untested architecture/backend raises
+        if memory_model == "replay":
+            raise PlanError(f"--memory-model replay: cannot trace this step: {type(e).__name__}: {e}") from None
+        est = estimate(shape, st)
+        why = str(e).splitlines()[0][:160] if str(e) else ""
+        est.notes.append(f"peak from the formula: the step could not be traced ({type(e).__name__}: {why})")
+        return est
+
+
 def plan_model(model: str, settings: Settings, machine: str | Machine = "auto", tokens: int | None = None,
-               tokens_source: str = "", revision: str | None = None, budget_gb: float | None = None) -> Plan:
+               tokens_source: str = "", revision: str | None = None, budget_gb: float | None = None,
+               memory_model: str = "auto") -> Plan:
     """Plan a run of `model` (hub id, local dir or bundled name) with these settings.
 
     Raises:
@@ -124,10 +153,11 @@ def plan_model(model: str, settings: Settings, machine: str | Machine = "auto", 
     shape = load_shape(model, revision)
     mach = machine if isinstance(machine, Machine) else get_machine(machine, budget_gb)
     check_settings(shape, settings)
-    return _finish(shape, settings, mach, tokens, tokens_source)
+    return _finish(shape, settings, mach, tokens, tokens_source, memory_model)
 
 
-def plan(recipe, machine: str | Machine = "auto", tokens: int | None = None, budget_gb: float | None = None) -> Plan:
+def plan(recipe, machine: str | Machine = "auto", tokens: int | None = None, budget_gb: float | None = None,
+         memory_model: str = "auto") -> Plan:
     """Plan the run a recipe (path or Recipe) describes; counts the dataset's tokens when it can.
 
     Raises:
@@ -144,7 +174,7 @@ def plan(recipe, machine: str | Machine = "auto", tokens: int | None = None, bud
     shape = load_shape(recipe.model.path, recipe.model.revision)
     mach = machine if isinstance(machine, Machine) else get_machine(machine, budget_gb)
     check_settings(shape, st)
-    return _finish(shape, st, mach, tokens, source)
+    return _finish(shape, st, mach, tokens, source, memory_model)
 
 
 def check_settings(shape: ModelShape, st: Settings) -> None:
@@ -169,8 +199,8 @@ def check_settings(shape: ModelShape, st: Settings) -> None:
         raise PlanError("impossible settings: " + "; ".join(problems))
 
 
-def _finish(shape, st, mach, tokens, tokens_source) -> Plan:
-    est = estimate(shape, st)
+def _finish(shape, st, mach, tokens, tokens_source, memory_model="auto") -> Plan:
+    est = predict(shape, st, memory_model)
     p = Plan(shape, st, mach, est, tokens_per_epoch=tokens, tokens_source=tokens_source,
              flops_per_token=flops_per_token(shape, st))
     p.tflops = mach.tflops(shape.dtype)
@@ -179,18 +209,34 @@ def _finish(shape, st, mach, tokens, tokens_source) -> Plan:
     if tokens:
         p.seconds_per_epoch = seconds_per_epoch(shape, st, mach, tokens, p.tflops)
     if not p.fits:
-        p.suggestions = suggest(shape, st, mach)
+        p.suggestions = suggest(shape, st, mach, est)
     return p
 
 
-def _required(shape, st) -> int:
-    return estimate(shape, st).required_bytes
+def _static(e: Estimate) -> int:
+    from .probe import STATIC_TERMS
+
+    return sum(v for k, v in e.breakdown.items() if k in STATIC_TERMS)
 
 
-def suggest(shape: ModelShape, st: Settings, mach: Machine) -> list[dict]:
-    """Concrete single changes that make the plan fit, each re-checked with the memory model."""
+def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | None = None) -> list[dict]:
+    """Concrete single changes that make the plan fit, each re-checked with the memory model.
+
+    The searches use the formula (a replay takes seconds); when the plan's peak came from the
+    replay, the formula's step terms are scaled to agree with it at the plan's own settings."""
+    from .memory import HEADROOM_FIXED, HEADROOM_FRACTION
+
     budget = mach.budget_bytes
     out: list[dict] = []
+    scale = 1.0
+    if current is not None and current.memory_model != "formula":
+        f = estimate(shape, st)
+        scale = (current.peak_bytes - _static(current)) / max(f.peak_bytes - _static(f), 1)
+
+    def _required(shape, new) -> int:
+        f = estimate(shape, new)
+        peak = _static(f) + scale * (f.peak_bytes - _static(f))
+        return int(peak + HEADROOM_FIXED + HEADROOM_FRACTION * peak)
 
     def add(key: str, value, text: str, new: Settings):
         need = _required(shape, new)
@@ -275,7 +321,8 @@ def render(p: Plan) -> str:
             lines.append(f"  {k:<26} {_gib(v)}")
     m = p.machine
     lines += [f"  {'-' * 38}",
-              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {_gib(p.estimate.peak_bytes).strip()} + headroom)",
+              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {_gib(p.estimate.peak_bytes).strip()} + headroom;"
+              f" {p.estimate.memory_model})",
               f"  {'machine budget':<26} {_gib(m.budget_bytes)}", ""]
     return "\n".join(lines + _verdict_lines(p) + _tail_lines(p))
 

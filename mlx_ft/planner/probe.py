@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import MlxFtError, PlanError
 from .memory import Estimate
 
-STATIC_TERMS = ("weights", "quantization overhead", "adapters", "optimizer state")
+STATIC_TERMS = ("weights", "quantization overhead", "adapters", "optimizer state", "batch")
 _WORDS = ("the of and to in is was for on that with as by at from his an were are which this be "
           "have had one their not but all they has been more she also its after who new first two").split()
 
@@ -73,14 +73,14 @@ def calibrate(full: Estimate, at_probe: Estimate, measured: int) -> tuple[Estima
 
 def probe_plan(p, recipe, seq_len: int | None = None):
     """Run the probe for Plan `p` (made from `recipe`) and return it calibrated."""
-    from .memory import estimate
-    from .plan import settings_from_recipe, suggest
+    from .plan import predict, settings_from_recipe, suggest
 
     L = seq_len or min(256, recipe.data.max_seq_len)
     short = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, max_seq_len=L))
-    at_probe = estimate(p.shape, settings_from_recipe(short))
+    model = "formula" if p.estimate.memory_model == "formula" else "replay"
+    at_probe = predict(p.shape, settings_from_recipe(short), model)
     measured = measure_peak(recipe, L)
     p.estimate, info = calibrate(p.estimate, at_probe, measured)
     p.calibration = {**info, "seq_len": L, "batch_size": recipe.training.batch_size}
-    p.suggestions = [] if p.fits else suggest(p.shape, p.settings, p.machine)
+    p.suggestions = [] if p.fits else suggest(p.shape, p.settings, p.machine, p.estimate)
     return p

@@ -53,6 +53,9 @@ class _Graph:
         self.dispatches: list[int] = []
         self.donors: list[tuple[int, ...]] = []
         self.evaluated: list[bool] = []
+        self.group: list[int] = []
+        """The first output of the primitive that made this array: eval_impl orders a primitive's
+        outputs (siblings) as one array."""
 
     def op(self, inputs: list[int], nbytes: float, donors: tuple[int, ...] = (), dispatches: int = 1,
            evaluated: bool | None = None) -> int:
@@ -63,6 +66,7 @@ class _Graph:
         self.dispatches.append(dispatches)
         self.donors.append(donors)
         self.evaluated.append(not inputs if evaluated is None else evaluated)
+        self.group.append(i)
         return i
 
     def view(self, inputs: list[int], of: int | None = None) -> int:
@@ -137,7 +141,8 @@ def _tape(g: _Graph, outputs: list[int], width: int = BFS_MAX_WIDTH) -> list[int
     """eval_impl's order: degrees from a depth-first pass, then breadth-first from the outputs with at
     most `width` unexpanded arrays queued (deferring the rest to a stack), run in reverse."""
     sync = len(g.inputs)
-    inputs = g.inputs + [outputs]
+    rep = g.group
+    inputs = [[rep[q] for q in ins] for ins in g.inputs] + [[rep[q] for q in outputs]]
     deg = [0] * (sync + 1)
     seen, stack = {sync}, [sync]
     while stack:
@@ -166,7 +171,11 @@ def _tape(g: _Graph, outputs: list[int], width: int = BFS_MAX_WIDTH) -> list[int
                 if deg[q] == 0:
                     tape.append(q)
             j += 1
-    return [a for a in reversed(tape) if a != sync]
+    siblings: dict[int, list[int]] = {}
+    for a, r in enumerate(rep):
+        if r != a:
+            siblings.setdefault(r, []).append(a)
+    return [s for a in reversed(tape) if a != sync for s in [a, *siblings.get(a, [])]]
 
 
 def _scheduled(g: _Graph, i: int) -> bool:
@@ -220,7 +229,8 @@ def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> 
             readers = [c for m in members[b] for c in consumers.get(m, [])]
             if max(readers, key=first.__getitem__) != a:  # a later op still reads it
                 continue
-            if all(c == a or release[c] < done for c in readers):
+            # a reader whose output took this buffer does not hold it in its release (cpu eval)
+            if all(c == a or c in members[b] or release[c] < done for c in readers):
                 for m in members.pop(a):
                     owner[m] = b
                     members[b].append(m)
@@ -241,6 +251,80 @@ def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> 
     alive = np.cumsum(delta)
     at = int(alive[:k].argmax()) if k else 0
     return Replayed(float(alive[:k].max()) if k else 0.0, float(alive[k - 1]) if k else 0.0, spans, at)
+
+
+def _replay_timed(g: _Graph, order: list[int], outputs: list[int], cost: list[float], main_seconds: float,
+                  dispatch_seconds: float) -> Replayed:
+    """`_replay` with the run-ahead timed instead of fixed: the main thread spends `main_seconds`
+    per array and enqueues its dispatches; the worker runs them in order (`cost[a]` seconds for an
+    array's computation, `dispatch_seconds` for each dispatch), and every DISPATCHES_PER_TASK-th
+    dispatch counts as a task; after each array the main thread waits for the oldest task while
+    more than MAX_ACTIVE_TASKS are unfinished (mlx/backend/cpu/encoder.h, eval_impl). With slow
+    ops the main thread runs a full window ahead (`_replay`'s RUN_AHEAD); with fast ones the
+    worker keeps up and less is alive at once. Lives are in seconds."""
+    import heapq
+
+    import numpy as np
+
+    consumers: dict[int, list[int]] = {}
+    for a in order:
+        for q in set(g.inputs[a]):
+            consumers.setdefault(q, []).append(a)
+    pos = {a: i for i, a in enumerate(order)}
+    owner = list(g.buffer)
+    members: dict[int, list[int]] = {}
+    for a in range(len(g.inputs)):
+        members.setdefault(owner[a], []).append(a)
+    outs = set(outputs)
+    t = worker = 0.0
+    released: dict[int, float] = {}  # array -> when the worker ran its release
+    tasks: list[float] = []  # finish times of unfinished tasks (heap)
+    n = 0
+    alloc: dict[int, float] = {}
+    for a in order:
+        t += main_seconds
+        for j in g.donors[a]:
+            b = owner[g.inputs[a][j]]
+            if g.evaluated[b] or any(m in outs for m in members[b]):
+                continue
+            readers = [c for m in members[b] for c in consumers.get(m, [])]
+            if max(readers, key=pos.__getitem__) != a:
+                continue
+            if all(c == a or c in members[b] or released.get(c, float("inf")) <= t for c in readers):
+                for m in members.pop(a):
+                    owner[m] = b
+                    members[b].append(m)
+                break
+        alloc[a] = t
+        steps = [cost[a] / max(g.dispatches[a], 1) + dispatch_seconds] * g.dispatches[a] + [dispatch_seconds / 2]
+        for k, c in enumerate(steps):
+            worker = max(worker, t) + c
+            n += 1
+            if n % DISPATCHES_PER_TASK == 0:
+                heapq.heappush(tasks, worker)
+        released[a] = worker
+        while tasks and tasks[0] <= t:
+            heapq.heappop(tasks)
+        if len(tasks) > MAX_ACTIVE_TASKS:
+            t = max(t, heapq.heappop(tasks))
+    end_time = max(worker, t)
+    spans = []
+    for b, ms in members.items():
+        if b not in alloc or not g.nbytes[b]:
+            continue
+        if any(m in outs for m in ms):
+            end = end_time + 1
+        else:
+            end = max([released[c] for m in ms for c in consumers.get(m, [])] + [released[b]])
+        spans.append((alloc[b], end, g.nbytes[b], b))
+    times = np.array(sorted({s for s, _, _, _ in spans} | {e for _, e, _, _ in spans}))
+    delta = np.zeros(len(times) + 1)
+    for s, e, nb, _ in spans:
+        delta[np.searchsorted(times, s)] += nb
+        delta[np.searchsorted(times, e)] -= nb
+    alive = np.cumsum(delta)[:-1]
+    k = int(alive.argmax()) if len(alive) else 0
+    return Replayed(float(alive[k]) if len(alive) else 0.0, 0.0, spans, float(times[k]) if len(times) else 0)
 
 
 @lru_cache(maxsize=256)
