@@ -98,9 +98,13 @@ def validate(recipes, overrides):
               help="Override a recipe value, e.g. --set training.learning_rate=2e-4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output.dir.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing output.dir first.")
+@click.option("--force", is_flag=True, help="Start even when the memory plan says the run will not fit this machine.")
 @user_errors
-def run(recipe, overrides, resume, overwrite):
+def run(recipe, overrides, resume, overwrite, force):
     """Train as RECIPE says: adapters, checkpoints, metrics and summary in output.dir.
+
+    It plans first: prints the memory plan's verdict for this machine and refuses a run that
+    will not fit (unless --force); summary.json records the planned peak beside the measured one.
 
     \b
     Examples:
@@ -115,7 +119,7 @@ def run(recipe, overrides, resume, overwrite):
     for key, origin in sorted(r.provenance.items()):
         if origin == "--set":
             click.echo(f"{key} = {_value(r, key)!r} (from --set)")
-    train(r, resume=True if resume else None, overwrite=overwrite)
+    train(r, resume=True if resume else None, overwrite=overwrite, force=force)
 
 
 def _value(recipe, key):

@@ -184,10 +184,35 @@ class _Prepared:
     latest: Path | None
     n_trainable: int
     n_total: int
+    planned: dict | None
 
 
-def _prepare(recipe: Recipe, resume: bool, overwrite: bool) -> _Prepared:
-    """Processes, run directory, model, data, adapters, optimizer, and the checkpoint to resume."""
+def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
+    """Plan the run on this machine before anything is loaded; refuse one that will not fit.
+
+    Returns:
+        the plan's record for summary.json, or None when the model's config cannot be found
+        (the run then goes on: loading the model says what is wrong, if anything).
+    Raises:
+        TrainingError: the plan does not fit and `force` is not set.
+    """
+    from .errors import PlanError
+    from .planner.plan import preflight
+
+    try:
+        record = preflight(recipe, world)
+    except PlanError as e:
+        echo(f"plan: skipped ({e})")
+        return None
+    echo(record["verdict"])
+    if not record["fits"] and not force:
+        raise TrainingError(f"{record['verdict']}. `mlxft plan RECIPE` shows where the memory goes and what to "
+                            "change; `mlxft run --force` (train(..., force=True)) starts anyway")
+    return {k: v for k, v in record.items() if k != "verdict"}
+
+
+def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool = False, echo=print) -> _Prepared:
+    """Processes, the plan, run directory, model, data, adapters, optimizer, and the checkpoint to resume."""
     import mlx.core as mx
 
     from . import data, losses, models
@@ -198,6 +223,7 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool) -> _Prepared:
     if t.batch_size % world:
         raise TrainingError(f"training.batch_size: {t.batch_size} rows cannot be split evenly over {world} "
                             f"processes; use a multiple of {world} (it is the global batch)")
+    planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None))
     run = prepare_run_dir(recipe, resume, overwrite, primary=rank == 0)
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
     splits = data.load_datasets(recipe, tokenizer)
@@ -219,16 +245,20 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool) -> _Prepared:
             "world_size": world}
     latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
     return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, exact_head, optimizer,
-                     total_steps, meta, loop, latest, n_trainable, n_total)
+                     total_steps, meta, loop, latest, n_trainable, n_total, planned)
 
 
 def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
-          callbacks: list[Callback] = (), progress: bool = True) -> TrainResult:
+          callbacks: list[Callback] = (), progress: bool = True, force: bool = False) -> TrainResult:
     """Train as the recipe says; returns the run directory, adapter directory and summary.
+
+    The memory planner runs first on this machine: its verdict is printed, a run that will not fit
+    is refused (unless `force`), and summary.json records the planned peak beside the measured one.
 
     Args:
         resume: continue from the newest complete checkpoint in `output.dir` (None: the
             recipe's `training.resume`). overwrite: delete an existing `output.dir` first.
+        force: start even when the plan says the run will not fit.
     Raises:
         RecipeError, DataError, ModelError, CheckpointError, TrainingError.
     """
@@ -241,7 +271,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     from .report import Reporter
 
     t, d = recipe.training, recipe.data
-    p = _prepare(recipe, (t.resume == "auto") if resume is None else resume, overwrite)
+    p = _prepare(recipe, (t.resume == "auto") if resume is None else resume, overwrite, force,
+                 echo=print if progress else (lambda _: None))
     run, rank, world, model, optimizer, loop = p.run, p.rank, p.world, p.model, p.optimizer, p.loop
     splits, adapter_cfg, total_steps, primary = p.splits, p.adapter_cfg, p.total_steps, p.rank == 0
     if primary:
@@ -386,7 +417,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     if primary:
         models.save_adapter(model, adapter_dir, adapter_cfg, p.base_ref, recipe.model)
     summary = reporter.finish(adapter_dir, p.n_trainable, p.n_total, splits.stats, peak_memory=mx.get_peak_memory(),
-                              extra={"world_size": world, "global_batch_size": t.batch_size * t.grad_accum})
+                              extra={"world_size": world, "global_batch_size": t.batch_size * t.grad_accum,
+                                     "plan": p.planned})
     result = TrainResult(run, adapter_dir, summary, step_losses, model, p.tokenizer)
     if recipe.export.to and primary:
         from .export import run_exports

@@ -177,6 +177,32 @@ def plan(recipe, machine: str | Machine = "auto", tokens: int | None = None, bud
     return _finish(shape, st, mach, tokens, source, memory_model)
 
 
+def preflight(recipe, world: int = 1) -> dict:
+    """The plan `mlxft run` makes before it loads anything: this machine, the recipe's settings
+    (each of `world` processes holds batch_size / world rows), no time estimate.
+
+    Returns:
+        {"verdict": one line, "fits", "planned_peak_bytes" (MLX's peak, comparable with the run's
+        peak_memory_bytes), "required_bytes" (with headroom), "budget_bytes", "machine", "memory_model"}.
+    Raises:
+        PlanError: the model's config cannot be found, or the settings are impossible.
+    """
+    st = settings_from_recipe(recipe)
+    if world > 1:
+        st = replace(st, batch_size=max(1, st.batch_size // world))
+    shape = load_shape(recipe.model.path, recipe.model.revision)
+    mach = get_machine("auto")
+    check_settings(shape, st)
+    est = predict(shape, st)
+    need, budget = est.required_bytes, mach.budget_bytes
+    fits = need <= budget
+    how = "fits" if fits else "DOES NOT FIT"
+    verdict = (f"plan: peak {_gib(need).strip()} of a {_gib(budget).strip()} budget on {mach.name}: {how} "
+               f"({abs(budget - need) / budget:.0%} {'to spare' if fits else 'over'}; {est.memory_model})")
+    return {"verdict": verdict, "fits": fits, "planned_peak_bytes": est.peak_bytes, "required_bytes": need,
+            "budget_bytes": budget, "machine": mach.name, "memory_model": est.memory_model}
+
+
 def check_settings(shape: ModelShape, st: Settings) -> None:
     """Reject settings no run could have, naming the option and the limit."""
     problems = []

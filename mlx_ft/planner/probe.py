@@ -50,7 +50,7 @@ def measure_peak(recipe, seq_len: int) -> int:
     with tempfile.TemporaryDirectory(prefix="mlxft-probe-") as tmp:
         short = probe_recipe(recipe, seq_len, Path(tmp))
         try:
-            result = train(short, overwrite=True, progress=False)
+            result = train(short, overwrite=True, progress=False, force=True)
         except MlxFtError as e:
             raise PlanError(f"--probe: the probe run failed: {e}") from None
         return int(result.summary["peak_memory_bytes"])
