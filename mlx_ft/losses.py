@@ -17,6 +17,8 @@ Two things here go beyond calling `model(tokens)`:
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -156,10 +158,7 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
         return (nn.losses.cross_entropy(logits, targets) * weights).sum(), weights.sum()
 
     h = _hidden(model, inputs, seg)  # [B, L-1, D]
-
-    def chunk_loss(h_c, t_c, w_c):
-        logits = _head(model, h_c).astype(mx.float32)  # [B, c, V]: the only logits alive
-        return (nn.losses.cross_entropy(logits, t_c) * w_c).sum()
+    chunk_loss = partial(masked_loss_sum, model)
 
     n = h.shape[1]
     step = chunk_positions(chunk_size, h.shape[0], _vocab(model), n)
@@ -184,6 +183,13 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
 
             total = total + mx.checkpoint(inner)(head.trainable_parameters(), h[:, s:s + step])
     return total, weights.sum()
+
+
+def masked_loss_sum(model, h_c: mx.array, t_c: mx.array, w_c: mx.array) -> mx.array:
+    """Sum of the weighted cross-entropies of one chunk of hidden states [B, c, D] against its
+    targets and weights [B, c]; its float32 [B, c, V] logits are the only ones alive."""
+    logits = _head(model, h_c).astype(mx.float32)
+    return (nn.losses.cross_entropy(logits, t_c) * w_c).sum()
 
 
 def _vocab(model) -> int:

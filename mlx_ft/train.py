@@ -187,6 +187,24 @@ class _Prepared:
     planned: dict | None
 
 
+def apply_update(model, optimizer, grads, divisor, max_grad_norm: float):
+    """One optimizer step on summed gradients: divide by `divisor` (at least 1), clip to
+    `max_grad_norm` (0 = no clipping), update the model. Returns the gradient norm before clipping
+    (0 when not clipping)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    # In each gradient's own dtype: a float32 divisor would silently turn a bf16 full
+    # fine-tune's weights and optimizer state into float32 after the first update.
+    grads = tree_map(lambda g: g / mx.maximum(divisor, 1.0).astype(g.dtype), grads)
+    norm = mx.array(0.0)
+    if max_grad_norm:
+        grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+    optimizer.update(model, grads)
+    return norm
+
+
 def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
     """Plan the run on this machine before anything is loaded; refuse one that will not fit.
 
@@ -264,7 +282,6 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     """
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     from mlx.utils import tree_map
 
     from . import data, losses, models
@@ -306,16 +323,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         per_step = splits.stats["train"]["supervised_tokens"] / splits.stats["batching"]["steps_per_epoch"]
         epoch_divisor = mx.array(per_step, dtype=mx.float32)
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def update(grads, divisor):
-        # In each gradient's own dtype: a float32 divisor would silently turn a bf16 full
-        # fine-tune's weights and optimizer state into float32 after the first update.
-        grads = tree_map(lambda g: g / mx.maximum(divisor, 1.0).astype(g.dtype), grads)
-        norm = mx.array(0.0)
-        if t.max_grad_norm:  # 0 = no clipping
-            grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
-        optimizer.update(model, grads)
-        return norm
+    update = mx.compile(partial(apply_update, model, optimizer, max_grad_norm=t.max_grad_norm),
+                        inputs=state, outputs=state)
 
     def save_checkpoint() -> Path | None:
         if not primary:

@@ -195,7 +195,6 @@ def to_graph(arrays: dict[str, _Array], prims: list[_Prim], outputs: list[str]):
             contiguous[n] = True
     for p in prims:
         ins = [index[i] for i in p.inputs]
-        first = arrays[p.outputs[0]]
         if p.name in VIEWS or (p.name in RESHAPES and contiguous[p.inputs[0]]):
             index[p.outputs[0]] = add(ins, 0, p.outputs[0], dispatches=0, evaluated=False)
             g.buffer[-1] = g.buffer[ins[0]]

@@ -122,12 +122,11 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
     and the optimizer state. Called with them (compiled) it runs the step: with loss_chunk 0 and
     no checkpointing it is the training step itself, with no surrogate."""
     import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+    from mlx.utils import tree_flatten, tree_unflatten
 
     from .. import losses
     from ..chunking import chunk_positions
+    from ..train import apply_update
 
     optimizer = _optimizer(st)
     optimizer.init(model.trainable_parameters())
@@ -188,8 +187,7 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
             step_ = chunk_positions(st.loss_chunk, B, losses._vocab(model), n)
 
             def chunk_loss(h_c, t_c, w_c):
-                logits = losses._head(model, h_c).astype(mx.float32)
-                return (nn.losses.cross_entropy(logits, t_c) * w_c).sum()
+                return losses.masked_loss_sum(model, h_c, t_c, w_c)
 
             if not st.loss_chunk:  # loss_chunk_size 0: plain autodiff over the whole logits
                 return [chunk_loss(h, targets, weights)]
@@ -215,13 +213,9 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
             mx.gather_mm = real_gather_mm
         n_tok = weights.sum()
         micro = [loss_sum, n_tok, *grads]
-        # the update, as mlx_ft.train's compiled `update`
+        # the update, as mlx_ft.train's loop runs it
         loss_total, tok_total = mx.array(0.0) + loss_sum, mx.array(0.0) + n_tok
-        g = tree_map(lambda x: x / mx.maximum(tok_total, 1.0).astype(x.dtype), tree_unflatten(list(zip(tnames, grads))))
-        norm = mx.array(0.0)
-        if max_grad_norm:
-            g, norm = optim.clip_grad_norm(g, max_grad_norm)
-        optimizer.update(model, g)
+        norm = apply_update(model, optimizer, tree_unflatten(list(zip(tnames, grads))), tok_total, max_grad_norm)
         final = [v for _, v in tree_flatten(model.trainable_parameters())]
         final += [v for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)] + [loss_total, tok_total, norm]
         counts[:] = [len(final), len(micro)]
