@@ -185,25 +185,89 @@ def _scheduled(g: _Graph, i: int) -> bool:
 class Replayed:
     """What `_replay` found: the peak, what is alive at the end, and every buffer's life."""
 
-    def __init__(self, peak: float, end: float, spans: list[tuple[int, int, float, int]], at: int):
+    def __init__(self, peak: float, end: float, spans: list[tuple[float, float, float, int]], at: float):
         self.peak, self.end = peak, end
         self.spans = spans
-        """(first dispatch, dispatch after which the worker has freed it, bytes, owning array)."""
+        """(allocated, freed by the worker, bytes, owning array), in dispatches or seconds."""
         self.at = at
-        """The dispatch at which the peak is reached."""
+        """When the peak is first reached."""
 
     def alive_at_peak(self) -> list[tuple[float, int]]:
         """(bytes, owning array) of the buffers alive at the peak."""
         return [(nb, b) for s, e, nb, b in self.spans if s <= self.at < e]
 
 
+class _Buffers:
+    """Which buffer each array of `order` uses while a replay hands buffers on by donation."""
+
+    def __init__(self, g: _Graph, order: list[int], outputs: list[int]):
+        self.g = g
+        self.pos = {a: i for i, a in enumerate(order)}
+        self.consumers: dict[int, list[int]] = {}
+        for a in order:
+            for q in set(g.inputs[a]):
+                self.consumers.setdefault(q, []).append(a)
+        self.owner = list(g.buffer)  # array -> the array whose buffer it uses
+        self.members: dict[int, list[int]] = {}
+        for a in range(len(g.inputs)):
+            self.members.setdefault(self.owner[a], []).append(a)
+        self.outs = set(outputs)
+
+    def readers(self, b: int) -> list[int]:
+        return [c for m in self.members[b] for c in self.consumers.get(m, [])]
+
+    def donate(self, a: int, released) -> None:
+        """Give `a` a donor input's buffer when no other array holds it: `a` is its last reader
+        and every other reader's release has run on the worker (`released(c)`). A reader whose
+        output took the buffer does not hold it in its release (mlx/backend/cpu eval)."""
+        for j in self.g.donors[a]:
+            b = self.owner[self.g.inputs[a][j]]
+            if self.g.evaluated[b] or any(m in self.outs for m in self.members[b]):
+                continue
+            readers = self.readers(b)
+            if max(readers, key=self.pos.__getitem__) != a:  # a later op still reads it
+                continue
+            if all(c == a or c in self.members[b] or released(c) for c in readers):
+                for m in self.members.pop(a):
+                    self.owner[m] = b
+                    self.members[b].append(m)
+                return
+
+    def spans(self, start: dict, freed: dict, end: float) -> list[tuple[float, float, float, int]]:
+        """(allocated, freed, bytes, owning array) of every buffer: freed once the last reader's
+        release has run (`freed`), outputs at `end`."""
+        out = []
+        for b, ms in self.members.items():
+            if b not in start or not self.g.nbytes[b]:
+                continue
+            if any(m in self.outs for m in ms):
+                gone = end
+            else:
+                gone = max([freed[c] for m in ms for c in self.consumers.get(m, [])] + [freed[b]])
+            out.append((start[b], gone, self.g.nbytes[b], b))
+        return out
+
+
+def _peak(spans: list[tuple[float, float, float, int]]) -> tuple[float, float]:
+    """(peak bytes alive, when it is first reached) over the spans' lives."""
+    import numpy as np
+
+    times = np.array(sorted({s for s, _, _, _ in spans} | {e for _, e, _, _ in spans}))
+    if not len(times):
+        return 0.0, 0.0
+    delta = np.zeros(len(times) + 1)
+    for s, e, nb, _ in spans:
+        delta[np.searchsorted(times, s)] += nb
+        delta[np.searchsorted(times, e)] -= nb
+    alive = np.cumsum(delta)[:-1]
+    k = int(alive.argmax())
+    return float(alive[k]), float(times[k])
+
+
 def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> Replayed:
     """Replay `order` when the main thread allocates at dispatch and the worker, `run_ahead`
     dispatches behind, frees a buffer once it has run the release of the buffer's last consumer.
-    An op takes a donor input's buffer instead of allocating when no other array holds it: every
-    other consumer of that buffer has been dispatched and released by the worker."""
-    import numpy as np
-
+    Lives are in dispatches."""
     first, release = {}, {}  # array -> its first dispatch, its release dispatch
     k = 0
     for a in order:
@@ -211,46 +275,14 @@ def _replay(g: _Graph, order: list[int], outputs: list[int], run_ahead: int) -> 
         k += g.dispatches[a]
         release[a] = k
         k += 1
-    consumers: dict[int, list[int]] = {}
-    for a in order:
-        for q in set(g.inputs[a]):
-            consumers.setdefault(q, []).append(a)
-    owner = list(g.buffer)  # array -> the array whose buffer it uses
-    members: dict[int, list[int]] = {}
-    for a in range(len(g.inputs)):
-        members.setdefault(owner[a], []).append(a)
-    outs = set(outputs)
+    bufs = _Buffers(g, order, outputs)
     for a in order:
         done = first[a] - run_ahead  # the worker has run every dispatch before this one
-        for j in g.donors[a]:
-            b = owner[g.inputs[a][j]]
-            if g.evaluated[b] or any(m in outs for m in members[b]):
-                continue
-            readers = [c for m in members[b] for c in consumers.get(m, [])]
-            if max(readers, key=first.__getitem__) != a:  # a later op still reads it
-                continue
-            # a reader whose output took this buffer does not hold it in its release (cpu eval)
-            if all(c == a or c in members[b] or release[c] < done for c in readers):
-                for m in members.pop(a):
-                    owner[m] = b
-                    members[b].append(m)
-                break
-    spans = []
-    for b, ms in members.items():
-        if b not in first or not g.nbytes[b]:
-            continue
-        if any(m in outs for m in ms):
-            end = k + run_ahead
-        else:
-            end = max([release[c] for m in ms for c in consumers.get(m, [])] + [release[b]]) + run_ahead
-        spans.append((first[b], end, g.nbytes[b], b))
-    delta = np.zeros(k + run_ahead + 2)
-    for s, e, nb, _ in spans:
-        delta[s] += nb
-        delta[e] -= nb
-    alive = np.cumsum(delta)
-    at = int(alive[:k].argmax()) if k else 0
-    return Replayed(float(alive[:k].max()) if k else 0.0, float(alive[k - 1]) if k else 0.0, spans, at)
+        bufs.donate(a, lambda c: release[c] < done)
+    spans = bufs.spans(first, {a: r + run_ahead for a, r in release.items()}, k + run_ahead)
+    peak, at = _peak(spans)
+    end = sum(nb for s, e, nb, _ in spans if s <= k - 1 < e)  # alive when the last op is dispatched
+    return Replayed(peak, float(end), spans, at)
 
 
 def _replay_timed(g: _Graph, order: list[int], outputs: list[int], cost: list[float], main_seconds: float,
@@ -261,21 +293,10 @@ def _replay_timed(g: _Graph, order: list[int], outputs: list[int], cost: list[fl
     dispatch counts as a task; after each array the main thread waits for the oldest task while
     more than MAX_ACTIVE_TASKS are unfinished (mlx/backend/cpu/encoder.h, eval_impl). With slow
     ops the main thread runs a full window ahead (`_replay`'s RUN_AHEAD); with fast ones the
-    worker keeps up and less is alive at once. Lives are in seconds."""
+    worker keeps up and less is alive at once. Lives are in seconds; `end` is not computed (0)."""
     import heapq
 
-    import numpy as np
-
-    consumers: dict[int, list[int]] = {}
-    for a in order:
-        for q in set(g.inputs[a]):
-            consumers.setdefault(q, []).append(a)
-    pos = {a: i for i, a in enumerate(order)}
-    owner = list(g.buffer)
-    members: dict[int, list[int]] = {}
-    for a in range(len(g.inputs)):
-        members.setdefault(owner[a], []).append(a)
-    outs = set(outputs)
+    bufs = _Buffers(g, order, outputs)
     t = worker = 0.0
     released: dict[int, float] = {}  # array -> when the worker ran its release
     tasks: list[float] = []  # finish times of unfinished tasks (heap)
@@ -283,21 +304,10 @@ def _replay_timed(g: _Graph, order: list[int], outputs: list[int], cost: list[fl
     alloc: dict[int, float] = {}
     for a in order:
         t += main_seconds
-        for j in g.donors[a]:
-            b = owner[g.inputs[a][j]]
-            if g.evaluated[b] or any(m in outs for m in members[b]):
-                continue
-            readers = [c for m in members[b] for c in consumers.get(m, [])]
-            if max(readers, key=pos.__getitem__) != a:
-                continue
-            if all(c == a or c in members[b] or released.get(c, float("inf")) <= t for c in readers):
-                for m in members.pop(a):
-                    owner[m] = b
-                    members[b].append(m)
-                break
+        bufs.donate(a, lambda c: released.get(c, float("inf")) <= t)
         alloc[a] = t
         steps = [cost[a] / max(g.dispatches[a], 1) + dispatch_seconds] * g.dispatches[a] + [dispatch_seconds / 2]
-        for k, c in enumerate(steps):
+        for c in steps:
             worker = max(worker, t) + c
             n += 1
             if n % DISPATCHES_PER_TASK == 0:
@@ -307,24 +317,9 @@ def _replay_timed(g: _Graph, order: list[int], outputs: list[int], cost: list[fl
             heapq.heappop(tasks)
         if len(tasks) > MAX_ACTIVE_TASKS:
             t = max(t, heapq.heappop(tasks))
-    end_time = max(worker, t)
-    spans = []
-    for b, ms in members.items():
-        if b not in alloc or not g.nbytes[b]:
-            continue
-        if any(m in outs for m in ms):
-            end = end_time + 1
-        else:
-            end = max([released[c] for m in ms for c in consumers.get(m, [])] + [released[b]])
-        spans.append((alloc[b], end, g.nbytes[b], b))
-    times = np.array(sorted({s for s, _, _, _ in spans} | {e for _, e, _, _ in spans}))
-    delta = np.zeros(len(times) + 1)
-    for s, e, nb, _ in spans:
-        delta[np.searchsorted(times, s)] += nb
-        delta[np.searchsorted(times, e)] -= nb
-    alive = np.cumsum(delta)[:-1]
-    k = int(alive.argmax()) if len(alive) else 0
-    return Replayed(float(alive[k]) if len(alive) else 0.0, 0.0, spans, float(times[k]) if len(times) else 0)
+    spans = bufs.spans(alloc, released, max(worker, t) + 1)
+    peak, at = _peak(spans)
+    return Replayed(peak, 0.0, spans, at)
 
 
 @lru_cache(maxsize=256)
