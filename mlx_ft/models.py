@@ -11,56 +11,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from .atomic import atomic_dir
 from .errors import ModelError
+from .hub import resolve_model_path
 from .recipe import AdapterConfig, ModelConfig
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-# What snapshot_download fetches for a base model: weights, configs, tokenizer files.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
-
-
-def resolve_model_path(
-    path: str, revision: str | None = None, texts: Callable[[], list[str]] | None = None
-) -> Path:
-    """Turn `model.path` into a local directory: as is, built (builtin:), or from the hub.
-
-    Args:
-        texts: called only for `builtin:` models, gives the texts their tokenizer is trained on.
-    """
-    if path.startswith("builtin:"):
-        from . import tiny
-
-        name = path.split(":", 1)[1]
-        if name not in tiny.BUILTIN_MODELS:
-            raise ModelError(f"model.path: unknown builtin model {name!r}; known: "
-                             + ", ".join("builtin:" + n for n in tiny.BUILTIN_MODELS))
-        return tiny.builtin_model(name, texts() if texts else ["hello world"])
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ModelError(f"model.path: {path} has no config.json; point it at a Hugging Face "
-                             "model directory (config.json, *.safetensors, tokenizer files)")
-        return local
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    if looks_local:
-        raise ModelError(f"model.path: {path} does not exist (relative to {Path.cwd()}); "
-                         "give an existing model directory or a hub id such as Qwen/Qwen2.5-7B-Instruct")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
-        raise ModelError(f"model.path: cannot get {path!r} from the Hugging Face hub ({why}); "
-                         f"download it once with `hf download {path}` or give a local directory") from None
 
 
 def load_base(cfg: ModelConfig, texts: Callable[[], list[str]] | None = None):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 from .atomic import atomic_dir
+from .cache import cache_root
 
 # ChatML, as Qwen uses it. Assistant turns end with <|im_end|> followed by a newline.
 CHATML_TEMPLATE = (
@@ -194,7 +194,7 @@ def build_tiny_model(
         if config["tie_word_embeddings"]:
             weights.pop("lm_head.weight", None)  # some MLX classes build lm_head regardless
 
-        from .export.hf import hf_weights
+        from .hf_layout import hf_weights
 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         weights = hf_weights(weights, config["model_type"])  # HF names (per-expert MoE tensors)
@@ -231,7 +231,7 @@ def builtin_model(name: str, texts: list[str], cache_dir: str | Path | None = No
         raise KeyError(name)
     kwargs = BUILTIN_MODELS[name]
     digest = hashlib.sha256(json.dumps([kwargs, texts], sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir or os.environ.get("MLX_FT_CACHE", Path.home() / ".cache" / "mlx_ft"))
+    root = Path(cache_dir) if cache_dir else cache_root()
     out = root / "builtin" / f"{name}-{digest}"
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,14 @@ def record_texts(recipe: Recipe) -> list[str]:
             for s in r.strings()]
 
 
+def recipe_tokenizer(recipe: Recipe):
+    """The recipe's tokenizer (mlx-lm TokenizerWrapper) without loading or downloading weights;
+    a `builtin:` model's is trained on the recipe's training texts."""
+    from ..hub import load_tokenizer
+
+    return load_tokenizer(recipe.model, texts=lambda: record_texts(recipe))
+
+
 def load_datasets(recipe: Recipe, tokenizer) -> Splits:
     """Read, check, render and mix the recipe's data into train (and validation) samples.
 

@@ -8,40 +8,14 @@ supervised tokens are coloured (or wrapped in [[ ]] when the output is not a ter
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from ..recipe import Recipe
-from .dataset import load_datasets, record_texts
-
-TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
-
-
-def load_tokenizer(recipe: Recipe):
-    """The model's tokenizer (mlx-lm TokenizerWrapper) without loading or downloading weights."""
-    from mlx_lm.utils import load_config, load_tokenizer as mlx_load_tokenizer
-
-    from ..errors import ModelError
-    from ..models import resolve_model_path
-
-    cfg = recipe.model
-    if cfg.path.startswith("builtin:") or Path(cfg.path).expanduser().exists() or cfg.path.count("/") != 1:
-        model_dir = resolve_model_path(cfg.path, cfg.revision, texts=lambda: record_texts(recipe))
-    else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            model_dir = Path(snapshot_download(cfg.path, revision=cfg.revision, allow_patterns=TOKENIZER_PATTERNS))
-        except Exception as e:  # offline, unknown or gated repo
-            raise ModelError(f"model.path: cannot get the tokenizer of {cfg.path!r} from the Hugging Face hub "
-                             f"({type(e).__name__}); download it once with `hf download {cfg.path}`") from None
-    config = load_config(model_dir)
-    return mlx_load_tokenizer(model_dir, {"trust_remote_code": cfg.trust_remote_code},
-                              eos_token_ids=config.get("eos_token_id"))
+from .dataset import load_datasets, recipe_tokenizer
 
 
 def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None) -> dict:
     """The data report of a recipe as plain (JSON-able) data."""
-    tokenizer = tokenizer or load_tokenizer(recipe)
+    tokenizer = tokenizer or recipe_tokenizer(recipe)
     splits = load_datasets(recipe, tokenizer)
     train = splits.stats["train"]
     return {

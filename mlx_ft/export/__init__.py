@@ -118,7 +118,7 @@ def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool) -> Pa
 def _read_base_config(adapter_dir: Path) -> dict:
     import json
 
-    from ..models import resolve_model_path
+    from ..hub import resolve_model_path
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model")

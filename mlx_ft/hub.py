@@ -1,0 +1,81 @@
+"""Where a model lives and how its files are named: the one place below the data and model stages
+that turns `model.path` into a local directory and loads a tokenizer.
+
+`model.path` is a local Hugging Face directory, a hub id (downloaded into the Hugging Face cache,
+or found there when offline), or `builtin:NAME` for a tiny model mlx_ft builds offline (its
+tokenizer trained on the recipe's texts). The data stage needs only the tokenizer, so it loads
+that without the weights; the model stage loads both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from .errors import ModelError
+
+# What snapshot_download fetches for a base model: weights, configs, tokenizer files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+# ... and for the tokenizer alone (`mlxft data inspect`, `mlxft plan` counting tokens).
+TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def resolve_model_path(
+    path: str, revision: str | None = None, texts: Callable[[], list[str]] | None = None,
+    patterns: list[str] | None = None,
+) -> Path:
+    """Turn `model.path` into a local directory: as is, built (builtin:), or from the hub.
+
+    Args:
+        texts: called only for `builtin:` models, gives the texts their tokenizer is trained on.
+        patterns: the files to fetch from the hub (default: weights, configs and tokenizer).
+    Raises:
+        ModelError: naming model.path, what was found, and how to get the model.
+    """
+    if path.startswith("builtin:"):
+        from . import tiny
+
+        name = path.split(":", 1)[1]
+        if name not in tiny.BUILTIN_MODELS:
+            raise ModelError(f"model.path: unknown builtin model {name!r}; known: "
+                             + ", ".join("builtin:" + n for n in tiny.BUILTIN_MODELS))
+        return tiny.builtin_model(name, texts() if texts else ["hello world"])
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model.path: {path} has no config.json; point it at a Hugging Face "
+                             "model directory (config.json, *.safetensors, tokenizer files)")
+        return local
+    if looks_local(path):
+        raise ModelError(f"model.path: {path} does not exist (relative to {Path.cwd()}); "
+                         "give an existing model directory or a hub id such as Qwen/Qwen2.5-7B-Instruct")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=patterns or HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+        raise ModelError(f"model.path: cannot get {path!r} from the Hugging Face hub ({why}); "
+                         f"download it once with `hf download {path}` or give a local directory") from None
+
+
+def looks_local(path: str) -> bool:
+    """A path that cannot be a hub id (`org/name`): relative, absolute, home or several levels."""
+    return path.startswith((".", "/", "~")) or path.count("/") != 1
+
+
+def load_tokenizer(model_cfg, texts: Callable[[], list[str]] | None = None):
+    """The model's tokenizer (mlx-lm TokenizerWrapper) without loading or downloading weights.
+
+    Args:
+        model_cfg: the recipe's `[model]` table (ModelConfig).
+        texts: for `builtin:` models, the texts their tokenizer is trained on.
+    """
+    from mlx_lm.utils import load_config, load_tokenizer as mlx_load_tokenizer
+
+    model_dir = resolve_model_path(model_cfg.path, model_cfg.revision, texts, patterns=TOKENIZER_PATTERNS)
+    config = load_config(model_dir)
+    return mlx_load_tokenizer(model_dir, {"trust_remote_code": model_cfg.trust_remote_code},
+                              eos_token_ids=config.get("eos_token_id"))
