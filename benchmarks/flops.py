@@ -72,7 +72,7 @@ def train_flops(hidden: int, layers: int, seq: int, batch: int, steps: int, work
                 head_dim: int = 128, intermediate: int | None = None, kv_heads: int | None = None) -> dict:
     from mlx_ft.recipe import recipe_from_dict
     from mlx_ft.tiny import build_tiny_model
-    from mlx_ft.train import Callback, train
+    from mlx_ft import Callback, train
 
     rng = random.Random(0)
     words = [f"w{i}" for i in range(400)]

@@ -5,7 +5,7 @@ its own process, on rows that fill max_seq_len (the planner's worst case), and c
 `summary["peak_memory_bytes"]` with `mlx_ft.planner.estimate`. The grid varies method, rank,
 batch size, max_seq_len, packing, grad checkpointing, vocabulary size, dtype and architecture;
 the configurations marked `calib` were looked at while the framework constants in
-mlx_ft/planner/memory.py were chosen (most constants come from isolated experiments described in
+mlx_ft/planner/formula.py were chosen (most constants come from isolated experiments described in
 docs/planner.md); the others are held out.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 HF_HUB_OFFLINE=1 \
@@ -144,7 +144,7 @@ GRID = [
     # A real-size vocabulary (the vs_mlx_lm "vocab" model): the 32 MB cap cuts the chunk to 32 and 16.
     ("llama-256-f32-v131k", dict(L=1024, B=2)),
     ("llama-256-f32-v131k", dict(L=512, B=4, ckpt=True)),
-    # Mixture of experts (rows 47-71): the MoE constants in memory.py were read from rows 47-55, 67-68.
+    # Mixture of experts (rows 47-71): the MoE constants in formula.py were read from rows 47-55, 67-68.
     ("qwen3moe-256-f32-e8k2", dict(L=512, calib=True)),
     ("qwen3moe-256-f32-e8k2", dict(L=1024, layers=1, calib=True)),
     ("qwen3moe-256-f32-e8k2", dict(L=512, layers=1, targets=["q_proj"], calib=True)),
@@ -173,12 +173,12 @@ GRID = [
     ("qwen3moe-384-bf16-e32k8", dict(L=768, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=16)),
     ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4, targets=EXPERTS_NOT_ROUTER, rank=8)),
     ("qwen3moe-384-bf16-e32k8", dict(L=384, B=2, ckpt=True, quant=4)),
-    # The optimizer-update phase (memory.UPDATE_COPIES): full fine-tuning with short rows. Row 72 is
+    # The optimizer-update phase (formula.UPDATE_COPIES): full fine-tuning with short rows. Row 72 is
     # the dense case its constant was read from; 73-74 are held out.
     ("llama-256-f32", dict(L=64, method="full", calib=True)),
     ("qwen2-320-f32", dict(L=96, method="full", layers=2)),
     ("llama-384-bf16", dict(L=128, B=2, method="full", layers=3)),
-    # Held out, added with the evaluator model of the loss (memory.schedule, 2026-11-24 14:30), never
+    # Held out, added with the evaluator model of the loss (formula + schedule, 2026-11-24 14:30), never
     # looked at before it was frozen: other chunk sizes (24-200), batch 3, long rows with small
     # chunks (where each chunk's [B, L, hidden] dL/dh slice update adds up), checkpointing.
     ("llama-256-bf16-v8k", dict(L=2048, layers=1, chunk=24)),
@@ -235,7 +235,7 @@ def _mech_model(hidden: int, vocab: int, dtype: str, inter: int | None = None, h
     return name
 
 
-# Isolated mechanisms behind the constants of mlx_ft/planner/memory.py (--mechanisms NAME): one term
+# Isolated mechanisms behind the constants of mlx_ft/planner/formula.py (--mechanisms NAME): one term
 # varies, the rest stays small; the quantity of interest is a difference between two rows' peaks.
 MECHANISMS = {
     # fused loss: vocabulary slope per chunk size (one adapted block of a 128-wide model)
@@ -321,7 +321,7 @@ def predict_one(model: str, s: dict, cache: Path) -> dict:
 
 def measure_one(model: str, s: dict, cache: Path) -> dict:
     """Train 2 steps in this process; returns the measured and the predicted peaks."""
-    from mlx_ft.train import train
+    from mlx_ft.runner import train
 
     model_dir = build_model(model, cache)
     with tempfile.TemporaryDirectory() as tmp:

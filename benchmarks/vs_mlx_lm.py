@@ -212,7 +212,7 @@ def child(tool: str, config: str, model_dir: str, valid: str, max_seq_len: int) 
     else:
         import mlx_ft.models
         from mlx_ft.recipe import load_recipe
-        from mlx_ft.train import train
+        from mlx_ft.runner import train
 
         mlx_lm.utils.load = timed_load
         mx.reset_peak_memory = lambda: None  # count from process start, as for mlx_lm

@@ -24,9 +24,9 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute), imported on first access
 _LAZY = {
-    "train": ("train", "train"),
-    "TrainResult": ("train", "TrainResult"),
-    "Callback": ("train", "Callback"),
+    "train": ("runner", "train"),
+    "TrainResult": ("runner", "TrainResult"),
+    "Callback": ("report", "Callback"),
     "load_with_adapter": ("models", "load_with_adapter"),
     "plan": ("planner", "plan"),
     "inspect_data": ("api", "inspect_data"),

@@ -113,7 +113,7 @@ def run(recipe, overrides, resume, overwrite, force):
       mlxft run recipes/qwen32b-qlora.toml --resume
     """
     from .recipe import load_recipe
-    from .train import train
+    from .runner import train
 
     r = load_recipe(recipe, list(overrides))
     for key, origin in sorted(r.provenance.items()):
@@ -342,7 +342,7 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
         rec = load_recipe(recipe, list(overrides))
         p = plan_recipe(rec, machine=machine, tokens=tokens, budget_gb=budget_gb, memory_model=memory_model)
         if probe:
-            from .planner.probe import probe_plan
+            from .probe import probe_plan
 
             p = probe_plan(p, rec, probe_seq_len)
     else:

@@ -16,7 +16,25 @@ from pathlib import Path
 from .checkpoint import LoopState
 
 
+class Callback:
+    """Hooks called during `train`; subclass and override what you need."""
+
+    def on_train_report(self, row: dict) -> None:
+        """After every `report_every` steps, with the row written to metrics.jsonl."""
+
+    def on_eval(self, row: dict) -> None:
+        """After each validation pass."""
+
+    def on_checkpoint(self, path: Path) -> None:
+        """After a checkpoint directory is complete."""
+
+    def on_end(self, summary: dict) -> None:
+        """Once, with the content of summary.json."""
+
+
 class Reporter:
+    """Progress bar or lines, metrics.jsonl, summary.json and loss.svg of a run; calls the callbacks."""
+
     def __init__(self, run: Path, total_steps: int, loop: LoopState, callbacks, progress: bool, resumed: bool,
                  write: bool = True):
         self.run, self.total, self.loop, self.callbacks = run, total_steps, loop, list(callbacks)

@@ -66,13 +66,13 @@ def test_memory_model_mechanisms():
 def test_loss_chunk_is_the_one_mlx_ft_losses_picks():
     """The planner and mlx_ft.losses share mlx_ft.chunking (pure Python: `mlxft plan` needs no mlx)."""
     from mlx_ft.chunking import MIN_CHUNK
-    from mlx_ft.planner import memory
+    from mlx_ft.planner import formula
 
     sh = load_shape("Qwen/Qwen2.5-7B")  # 152,064-entry vocabulary
-    assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=512)) == 55
-    assert memory.loss_chunk_positions(sh, Settings(batch_size=8, seq_len=4095, loss_chunk=512)) == MIN_CHUNK
-    assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=40, loss_chunk=512)) == 40
-    assert memory.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=0)) == 4095
+    assert formula.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=512)) == 55
+    assert formula.loss_chunk_positions(sh, Settings(batch_size=8, seq_len=4095, loss_chunk=512)) == MIN_CHUNK
+    assert formula.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=40, loss_chunk=512)) == 40
+    assert formula.loss_chunk_positions(sh, Settings(batch_size=1, seq_len=4095, loss_chunk=0)) == 4095
 
 
 def test_loss_term_replays_mlx_evaluator():
@@ -187,11 +187,11 @@ def test_plan_recipe_counts_tokens(tmp_path, tiny_model_dir, chat_jsonl):
     # the positions the loop's batches really have, padding included
     from mlx_ft.data import load_datasets
     from mlx_ft.data.batching import collate, epoch_batches
-    from mlx_ft.data.report import load_tokenizer
+    from mlx_ft.data import recipe_tokenizer
     from mlx_ft.recipe import load_recipe
 
     rec = load_recipe(recipe)
-    samples = load_datasets(rec, load_tokenizer(rec)).train
+    samples = load_datasets(rec, recipe_tokenizer(rec)).train
     batches = epoch_batches(samples, 2, 128, False, rec.training.seed, 0, rec.data.shuffle)
     assert d["tokens_per_epoch"] == sum(collate(samples, b, 128, False).tokens.size for b in batches)
 
@@ -227,7 +227,8 @@ def test_machines_command():
 
 
 def test_probe_calibration_scales_only_activation_terms():
-    from mlx_ft.planner.probe import STATIC_TERMS, calibrate
+    from mlx_ft.planner.settings import STATIC_TERMS
+    from mlx_ft.probe import calibrate
 
     sh = load_shape("Qwen/Qwen2.5-0.5B")
     full = estimate(sh, Settings(rank=8, batch_size=4, seq_len=2047))

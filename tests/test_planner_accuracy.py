@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlx_ft.planner import estimate, load_shape, settings_from_recipe
-from mlx_ft.planner.probe import probe_recipe
+from mlx_ft.probe import probe_recipe
 from mlx_ft.planner.replay import replay_estimate
 from mlx_ft.recipe import recipe_from_dict
 
@@ -19,7 +19,7 @@ def measure_in_fresh_process(recipe, seq_len: int) -> int:
     """measure_peak in a new process: mx.get_peak_memory() counts every live array of the process,
     and inside a test session earlier tests' arrays are still alive (measured: +3 to +5 MiB)."""
     code = ("import json, sys; from mlx_ft.recipe import recipe_from_dict; "
-            "from mlx_ft.planner.probe import measure_peak; "
+            "from mlx_ft.probe import measure_peak; "
             "print(measure_peak(recipe_from_dict(json.loads(sys.argv[1])), int(sys.argv[2])))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(recipe.to_dict()), str(seq_len)],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)

@@ -121,7 +121,7 @@ def test_the_moe_recipe_settings_train_a_tiny_qwen3_moe(tiny_moe, tmp_path, chat
     import json
 
     from mlx_ft.recipe import load_recipe, recipe_from_dict
-    from mlx_ft.train import train
+    from mlx_ft.runner import train
 
     shipped = load_recipe(RECIPE)
     doc = shipped.to_dict()
@@ -150,7 +150,7 @@ def test_predicted_peak_of_a_tiny_moe_within_10_percent(tiny_moe, tmp_path, quan
     from test_planner_accuracy import measure_in_fresh_process
 
     from mlx_ft.planner import settings_from_recipe
-    from mlx_ft.planner.probe import probe_recipe
+    from mlx_ft.probe import probe_recipe
     from mlx_ft.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"model": {"path": str(tiny_moe), **({"quantize": quantize} if quantize else {})},

@@ -19,7 +19,8 @@ from mlx_ft import checkpoint as ckpt
 from mlx_ft.cli import main
 from mlx_ft.errors import CheckpointError, ModelError, TrainingError
 from mlx_ft.recipe import _toml_value, load_recipe
-from mlx_ft.train import metal_memory_plan, train
+from mlx_ft.runner import train
+from mlx_ft.train import metal_memory_plan
 
 
 def make_recipe(tmp_path: Path, model_dir, files, name="r.toml", **sections) -> Path:
@@ -326,7 +327,7 @@ def test_every_optimizer_trains(tmp_path, tiny_model_dir, chat_jsonl, optimizer)
 ])
 def test_schedules_warm_up_then_decay(schedule, expected):
     from mlx_ft.recipe import TrainingConfig
-    from mlx_ft.train import build_optimizer
+    from mlx_ft.step import build_optimizer
 
     opt = build_optimizer(TrainingConfig(learning_rate=1.0, warmup_steps=2, lr_schedule=schedule), total_steps=5)
     opt.init({"w": mx.zeros((1,))})
@@ -432,10 +433,10 @@ def test_loss_normalization_sets_the_gradient_divisor(tmp_path, tiny_model_dir, 
     mean_per_step = stats["train"]["supervised_tokens"] / stats["batching"]["steps_per_epoch"]
     # the report's supervised tokens are the loss's targets: no sample supervises its first token
     from mlx_ft.data import load_datasets
-    from mlx_ft.data.report import load_tokenizer
+    from mlx_ft.data import recipe_tokenizer
 
     recipe = load_recipe(tmp_path / "epoch.toml")
-    samples = load_datasets(recipe, load_tokenizer(recipe)).train
+    samples = load_datasets(recipe, recipe_tokenizer(recipe)).train
     assert not any(s.mask[0] for s in samples)
     assert sum(sum(s.mask[1:]) for s in samples) == stats["train"]["supervised_tokens"]
     assert step_tokens != pytest.approx(mean_per_step, rel=0.05)  # the two really differ here

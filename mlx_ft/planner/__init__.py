@@ -6,9 +6,10 @@
 """
 
 from .configs import ModelShape, load_shape
+from .formula import estimate
 from .machines import Machine, get_machine, list_machines
-from .memory import Estimate, Settings, estimate
 from .plan import Plan, plan, plan_model, settings_from_recipe
+from .settings import Estimate, Settings
 
 __all__ = ["Estimate", "Machine", "ModelShape", "Plan", "Settings", "estimate", "get_machine",
            "list_machines", "load_shape", "plan", "plan_model", "settings_from_recipe"]

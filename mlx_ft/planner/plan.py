@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from ..errors import PlanError
 from .configs import ModelShape, load_shape
 from .machines import Machine, get_machine
-from .memory import Estimate, Settings, adapted_layers, adapted_modules, estimate
+from .formula import estimate
+from .settings import STATIC_TERMS, Estimate, Settings, adapted_layers, adapted_modules
 
 
 def settings_from_recipe(recipe) -> Settings:
@@ -117,7 +118,7 @@ class Plan:
 
 def predict(shape: ModelShape, st: Settings, memory_model: str = "auto") -> Estimate:
     """The peak of one training step: from the replayed graph of the step (`planner.replay`) when
-    the model can be traced, else from the formula (`memory.estimate`).
+    the model can be traced, else from the formula (`formula.estimate`).
 
     Args:
         memory_model: "auto" (the replay, the formula when the step cannot be traced), "replay"
@@ -240,8 +241,6 @@ def _finish(shape, st, mach, tokens, tokens_source, memory_model="auto") -> Plan
 
 
 def _static(e: Estimate) -> int:
-    from .probe import STATIC_TERMS
-
     return sum(v for k, v in e.breakdown.items() if k in STATIC_TERMS)
 
 
@@ -250,7 +249,7 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
 
     The searches use the formula (a replay takes seconds); when the plan's peak came from the
     replay, the formula's step terms are scaled to agree with it at the plan's own settings."""
-    from .memory import HEADROOM_FIXED, HEADROOM_FRACTION
+    from .settings import HEADROOM_FIXED, HEADROOM_FRACTION
 
     budget = mach.budget_bytes
     out: list[dict] = []
@@ -325,9 +324,9 @@ def count_epoch_tokens(recipe) -> tuple[int | None, str]:
     """Padded tokens of one epoch, by running the data pipeline, when the tokenizer is at hand."""
     try:
         from ..data import load_datasets
-        from ..data.report import load_tokenizer
+        from ..data import recipe_tokenizer
 
-        splits = load_datasets(recipe, load_tokenizer(recipe))
+        splits = load_datasets(recipe, recipe_tokenizer(recipe))
         # the data stage batched the first epoch for its report: rows x padded width, as collate pads
         batching = splits.stats["batching"]
         padded, real = batching["positions"], splits.stats["train"]["tokens"]

@@ -305,15 +305,14 @@ def _kind(name: str, shape: tuple, grads: set[str], updated: set[str], forward: 
 
 
 def replay_estimate(shape, st):
-    """`memory.estimate`'s answer from the replayed graph: the evaluated inputs plus the step's
-    peak, broken down by what is alive at that peak.
+    """The planner's estimate from the replayed graph: the evaluated inputs plus the step's peak,
+    broken down by what is alive at that peak.
 
     Raises:
-        trace.TraceError: the step cannot be traced (then use `memory.estimate`).
+        trace.TraceError: the step cannot be traced (then the formula answers: `planner.formula`).
     """
-    import dataclasses
-
-    from .memory import HEADROOM_FIXED, HEADROOM_FRACTION, estimate
+    from .formula import update_floor
+    from .settings import HEADROOM_FIXED, HEADROOM_FRACTION, Estimate, model_notes, trainable_params
     from .trace import TraceError, build_model, trace_step
 
     if shape.config is None:
@@ -322,18 +321,16 @@ def replay_estimate(shape, st):
         raise TraceError("the replay traces mlx_ft's loss only")
     traced = trace_step(build_model(shape, st, shape.config), st)
     step = replay(traced)
-    formula = estimate(shape, st)
     breakdown = {**traced.inputs_breakdown, **step.alive}
     peak = sum(breakdown.values())
-    # the formula's notes about the model stand; its note on its own MoE error does not apply here
-    notes = [n for n in formula.notes if "above this estimate" not in n]
     # The update phase of full fine-tuning measured 13-18 % above the replayed step (something is
     # held between steps that one step's graph does not show; grid rows 72-74): where the
     # formula's update phase is its peak, that phase is a floor (docs/planner.md).
-    floor = formula.peak_bytes if formula.breakdown.get("optimizer update", 0) else 0
+    floor = update_floor(shape, st)
     if floor > peak:
         breakdown["optimizer update (formula)"] = floor - peak
         peak = floor
-    return dataclasses.replace(formula, breakdown=breakdown, peak_bytes=int(peak),
-                               headroom_bytes=int(HEADROOM_FIXED + HEADROOM_FRACTION * peak), notes=notes,
-                               memory_model=f"replayed graph ({step.n_ops:,} ops)")
+    return Estimate(breakdown=breakdown, peak_bytes=int(peak),
+                    headroom_bytes=int(HEADROOM_FIXED + HEADROOM_FRACTION * peak),
+                    trainable_params=trainable_params(shape, st), total_params=shape.total_params(),
+                    notes=model_notes(shape, st), memory_model=f"replayed graph ({step.n_ops:,} ops)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from .configs import ModelShape
 from .machines import Machine
-from .memory import Settings, n_adapted
+from .settings import Settings, n_adapted
 
 EFFICIENCY = 0.40
 """Sustained share of peak GPU FLOP/s: two published MLX LoRA runs decompose to 39% and 44%

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from .configs import ModelShape
-from .memory import Settings
+from .settings import Settings
 
 # Fields mlx-lm's ModelArgs require that trimmed configs (models.json) may lack; none changes a
 # shape, a dtype or the graph's structure.
@@ -93,7 +93,7 @@ def build_model(shape: ModelShape, st: Settings, config: dict):
 
 def _optimizer(st: Settings):
     from ..recipe import TrainingConfig
-    from ..train import build_optimizer
+    from ..step import build_optimizer
 
     return build_optimizer(TrainingConfig(optimizer=st.optimizer), 1000)
 
@@ -126,7 +126,7 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
 
     from .. import losses
     from ..chunking import chunk_positions
-    from ..train import apply_update
+    from ..step import apply_update
 
     optimizer = _optimizer(st)
     optimizer.init(model.trainable_parameters())
@@ -213,7 +213,7 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
             mx.gather_mm = real_gather_mm
         n_tok = weights.sum()
         micro = [loss_sum, n_tok, *grads]
-        # the update, as mlx_ft.train's loop runs it
+        # the update, as the training loop runs it (mlx_ft.step)
         loss_total, tok_total = mx.array(0.0) + loss_sum, mx.array(0.0) + n_tok
         norm = apply_update(model, optimizer, tree_unflatten(list(zip(tnames, grads))), tok_total, max_grad_norm)
         final = [v for _, v in tree_flatten(model.trainable_parameters())]

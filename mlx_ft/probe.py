@@ -1,6 +1,8 @@
-"""Probe mode: run two real training steps at a short length here, and calibrate the estimate.
+"""Probe mode (`mlxft plan --probe`): run two real training steps at a short length here, and
+calibrate the plan's estimate.
 
-The probe trains the recipe's model, adapters and settings through `mlx_ft.train.train` for two
+The planner itself never trains; this module sits above it and the runner, and uses both. The
+probe trains the recipe's model, adapters and settings through the runner (`mlx_ft.train`) for two
 steps on synthetic rows that fill `seq_len` tokens (so the row length is known), reads the
 peak that `train` measures with mx.get_peak_memory(), and compares it with the memory model at
 the same settings. The ratio of the measured to the predicted activation-dependent terms then
@@ -15,17 +17,16 @@ import random
 import tempfile
 from pathlib import Path
 
-from ..errors import MlxFtError, PlanError
-from .memory import Estimate
+from .errors import MlxFtError, PlanError
+from .planner.settings import HEADROOM_FIXED, HEADROOM_FRACTION, STATIC_TERMS, Estimate
 
-STATIC_TERMS = ("weights", "quantization overhead", "adapters", "optimizer state", "batch")
 _WORDS = ("the of and to in is was for on that with as by at from his an were are which this be "
           "have had one their not but all they has been more she also its after who new first two").split()
 
 
 def probe_recipe(recipe, seq_len: int, work: Path):
     """The recipe, cut down to 2 steps on synthetic rows of `seq_len` tokens, writing under `work`."""
-    from ..recipe import recipe_from_dict
+    from .recipe import recipe_from_dict
 
     rng = random.Random(0)
     rows = max(recipe.training.batch_size * recipe.training.grad_accum * 2, 2)
@@ -45,7 +46,7 @@ def probe_recipe(recipe, seq_len: int, work: Path):
 
 def measure_peak(recipe, seq_len: int) -> int:
     """mx.get_peak_memory() over 2 real training steps of `recipe` at rows of `seq_len` tokens."""
-    from ..train import train
+    from .runner import train
 
     with tempfile.TemporaryDirectory(prefix="mlxft-probe-") as tmp:
         short = probe_recipe(recipe, seq_len, Path(tmp))
@@ -64,8 +65,6 @@ def calibrate(full: Estimate, at_probe: Estimate, measured: int) -> tuple[Estima
     scale = min(max(scale, 0.5), 2.0)  # a probe this far off means something else is going on
     bd = {k: (v if k in STATIC_TERMS else int(v * scale)) for k, v in full.breakdown.items()}
     peak = sum(bd.values())
-    from .memory import HEADROOM_FIXED, HEADROOM_FRACTION
-
     est = dataclasses.replace(full, breakdown=bd, peak_bytes=peak,
                               headroom_bytes=int(HEADROOM_FIXED + HEADROOM_FRACTION * peak))
     return est, {"measured_bytes": measured, "predicted_bytes": at_probe.peak_bytes, "scale": scale}
@@ -73,7 +72,7 @@ def calibrate(full: Estimate, at_probe: Estimate, measured: int) -> tuple[Estima
 
 def probe_plan(p, recipe, seq_len: int | None = None):
     """Run the probe for Plan `p` (made from `recipe`) and return it calibrated."""
-    from .plan import predict, settings_from_recipe, suggest
+    from .planner.plan import predict, settings_from_recipe, suggest
 
     L = seq_len or min(256, recipe.data.max_seq_len)
     short = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, max_seq_len=L))

@@ -1,4 +1,10 @@
-"""The analytic memory model: what MLX holds at the peak of one training step.
+"""The closed-form memory model, the fallback: what MLX holds at the peak of one training step.
+
+The planner's answer is the replayed graph of the step (`planner.replay`). This formula answers
+where the step cannot be traced (`--memory-model formula`, or a model mlx-lm cannot build
+lazily), prices the candidate changes the suggestions search (scaled to agree with the replay at
+the plan's own settings), and gives full fine-tuning's optimizer-update phase, which measured
+above the replayed step (`update_floor`).
 
 Each term follows a mechanism of the training step (see docs/planner.md for the derivation):
 weights (+ quantization scales and biases), adapter parameters, their gradients and optimizer
@@ -14,13 +20,11 @@ properties of MLX's autodiff and scheduler rather than of a model; each says whe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..chunking import chunk_positions
 from . import schedule
 from .configs import ModelShape
-
-GIB = 2**30
+from .settings import (HEADROOM_FIXED, HEADROOM_FRACTION, Estimate, Settings, adapted_layers, adapted_modules,
+                       model_notes, n_adapted, trainable_params, weight_bytes)
 
 # --- Framework constants, measured on MLX 0.32.4's CPU backend. "Mechanisms X" below means
 # `benchmarks/planner_accuracy.py --mechanisms X`, which isolates one term (one adapted block; a
@@ -75,96 +79,6 @@ UPDATE_COPIES = 4.0
 the new weights and moments computed while the old ones are alive, and the scaled (and clipped)
 gradient. Measured on full fine-tunes with short rows, where the update is the peak: 3.4-5.0
 (docs/planner.md, MoE section: llama-256-f32 at 64 tokens, a qwen3_moe block at 256)."""
-HEADROOM_FIXED = 1 * GIB
-"""Outside mx.get_peak_memory(): Python, Metal command buffers, the allocator cache [est]."""
-HEADROOM_FRACTION = 0.05
-"""... plus this share of the peak for fragmentation and the free-buffer cache [est]."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The training choices that decide memory (from a recipe or from `mlxft plan` options)."""
-
-    method: str = "lora"  # lora | dora | full
-    quant_bits: int | None = None
-    quant_group: int = 64
-    rank: int = 16
-    layers: int | None = None  # adapted blocks, the last N; None = all
-    targets: tuple[str, ...] = ("all-linear",)
-    batch_size: int = 4
-    seq_len: int = 2048
-    pack: bool = False
-    grad_checkpointing: bool = False
-    loss_chunk: int = 512
-    optimizer: str = "adamw"
-    grad_accum: int = 1
-    loss_impl: str = "mlx_ft"
-    """`mlx_ft` (chunked float32 cross-entropy) or `mlx_lm` (mlx-lm's default_loss on full logits in
-    the model dtype), for comparing with published mlx-lm runs."""
-
-
-@dataclass
-class Estimate:
-    breakdown: dict[str, int]
-    """Term -> bytes, in display order; sums to `peak_bytes` (headroom is separate)."""
-    peak_bytes: int
-    """Predicted mx.get_peak_memory() during training."""
-    headroom_bytes: int
-    trainable_params: int
-    total_params: int
-    notes: list[str] = field(default_factory=list)
-    memory_model: str = "formula"
-    """How the peak was found: "formula" (this module) or the replayed graph (planner.replay)."""
-
-    @property
-    def required_bytes(self) -> int:
-        return self.peak_bytes + self.headroom_bytes
-
-
-def adapted_modules(shape: ModelShape, st: Settings, layer: int | None = None) -> dict[str, tuple[int, int]]:
-    lin = shape.linears(layer)
-    if st.method == "full" or "all-linear" in st.targets:
-        return lin
-    return {k: v for k, v in lin.items() if any(k == t or k.endswith("." + t) for t in st.targets)}
-
-
-def n_adapted(shape: ModelShape, st: Settings) -> int:
-    return shape.layers if st.layers is None else min(st.layers, shape.layers)
-
-
-def adapted_layers(shape: ModelShape, st: Settings) -> range:
-    """Indices of the adapted blocks: the last n_adapted ones."""
-    return range(shape.layers - n_adapted(shape, st), shape.layers)
-
-
-def lora_params(shape: ModelShape, st: Settings, layer: int) -> int:
-    """LoRA (+ DoRA magnitude) parameters of one adapted block; a SwitchLinear gets an A and a B
-    per expert (mlx-lm's LoRASwitchLinear: lora_a (experts, r, in), lora_b (experts, out, r))."""
-    mods = adapted_modules(shape, st, layer)
-    n = sum(st.rank * (i + o) * shape.copies(m) for m, (i, o) in mods.items())
-    return n + (sum(o for _, o in mods.values()) if st.method == "dora" else 0)
-
-
-def weight_bytes(shape: ModelShape, st: Settings) -> tuple[int, int]:
-    """(weights, quantization scales+biases) in bytes, as mlx-lm stores them."""
-    s = shape.dtype_bytes
-    bits = st.quant_bits or shape.quantized_bits
-    group = st.quant_group if st.quant_bits else (shape.quantized_group_size or 64)
-    small = shape.layers * shape.block_small_params() + shape.hidden
-    # (last dim, elements, bits, group) of every matrix; a SwitchLinear is `experts` of them
-    mats = [(i, i * o * shape.copies(m), *((shape.router_bits, 64) if shape.router(m) and shape.router_bits
-                                          else (bits, group)))
-            for layer in range(shape.layers) for m, (i, o) in shape.linears(layer).items()]
-    mats += [(shape.hidden, shape.hidden * shape.vocab, bits, group)] * (1 if shape.tied else 2)
-    if not bits:
-        return (sum(n for _, n, _, _ in mats) + small) * s, 0
-    # mlx-lm quantizes every Linear/Embedding/SwitchLinear whose last dim divides by the group size;
-    # a model's quant_predicate may pick other bits for some (qwen3_moe's router: 8 bits, group 64).
-    q = [(n, b, g) for i, n, b, g in mats if i % group == 0]
-    dense = sum(n for i, n, _, _ in mats if i % group != 0) + small
-    return int(sum(n * b / 8 for n, b, _ in q) + dense * s), int(sum(n / g * 2 * s for n, _, g in q))
-
-
 # Which tensor feeds each linear: q/k/v share the first norm's output, gate/up the second's.
 _INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid", "gate": "mlp_in"}
@@ -229,12 +143,11 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     weights, quant = weight_bytes(shape, st)
     sk = 4 if shape.dtype_bytes >= 4 else 2  # the loss follows the head's (base) dtype
     s = shape.dtype_bytes
+    trainable = trainable_params(shape, st)
     if st.method == "full":
-        trainable = sum(shape.block_params(layer) for layer in span)
         p_bytes = s  # full fine-tuning trains the weights in their own dtype
         adapters = 0
     else:
-        trainable = sum(lora_params(shape, st, layer) for layer in span)
         p_bytes = 4  # mlx-lm creates LoRA A/B (and DoRA m) in float32
         adapters = trainable * 4
     grads = trainable * p_bytes * (2 if st.grad_accum > 1 else 1)
@@ -270,7 +183,6 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     qdora = 0
     if st.method == "dora" and (st.quant_bits or shape.quantized_bits):
         qdora = sum(i * o for layer in span for i, o in adapted_modules(shape, st, layer).values()) * s
-        notes.append("QDoRA keeps a dequantized copy of every DoRA layer's weight for the backward pass")
     if st.loss_impl == "mlx_lm":
         logits = B * V * L * MLX_LM_LOGITS_COPIES * sk
     elif st.loss_chunk:
@@ -281,20 +193,14 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         logits = B * V * L * LOGITS_FULL_BYTES[sk]
     if st.loss_impl == "mlx_lm" or not st.loss_chunk:
         loss_end = logits  # one piece: its peak is its end
+    notes += model_notes(shape, st)
     if shape.is_moe:
-        notes.append(f"mixture of experts: {shape.experts} experts, top-{shape.experts_per_tok}; every expert's "
-                     f"weights are held, activations and time per epoch count the top-{shape.experts_per_tok} "
-                     f"({shape.total_params(active=True) / 1e9:.2f}B of {shape.total_params() / 1e9:.2f}B "
-                     "parameters active per token)")
         router_frozen = not any(shape.router(m) for layer in span for m in adapted_modules(shape, st, layer))
         if st.grad_checkpointing and router_frozen and (st.quant_bits or shape.quantized_bits):
             # docs/planner.md, MoE rows 60, 69, 70: MLX's tape order, not a tensor the model misses
             notes.append("a quantized MoE with checkpointing and a frozen router measured up to 15 % above this "
                          "estimate on tiny models (MLX's evaluation order; docs/planner.md): keep that margin, or "
                          "check with --probe")
-        if shape.model_type not in ("qwen3_moe", "mixtral"):
-            notes.append(f"{shape.model_type}: modelled like qwen3_moe (routed experts only); shared experts or "
-                         "other MoE parts of this architecture are not counted")
     # The loss runs before the backward pass through the blocks: at the block phase's peak a share of
     # the loss is alive, and a share of the block phase on top of what the loss holds at its end.
     phases = max(logits, loss_end + PHASE_OVERLAP * block_phase, block_phase + PHASE_OVERLAP * logits)
@@ -323,3 +229,11 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     return Estimate(breakdown={k: int(v) for k, v in breakdown.items()}, peak_bytes=int(peak),
                     headroom_bytes=headroom, trainable_params=int(trainable),
                     total_params=shape.total_params(), notes=notes)
+
+
+def update_floor(shape: ModelShape, st: Settings) -> int:
+    """The formula's peak when the optimizer update is its largest phase (in practice full
+    fine-tuning with short rows), else 0. The replayed step measured 13-18 % below real runs there (something held
+    between steps that one step's graph does not show; grid rows 72-74), so this is its floor."""
+    f = estimate(shape, st)
+    return f.peak_bytes if f.breakdown.get("optimizer update", 0) else 0
