@@ -4,19 +4,29 @@
 
 - recipes/*.toml: the "# Planner: peak ... budget ... to spare" and "# Time per epoch" lines,
   re-planned with the `mlxft plan ... --machine M --tokens N` command in each header;
-- docs/choosing.md: the two tables printed by examples/plan_matrix.py.
+- docs/choosing.md: the two tables printed by examples/plan_matrix.py;
+- mlx_ft/planner/plan_cache.json: the replayed estimates behind both, shipped so that the tests,
+  `mlxft plan` and `mlxft run` on these models answer at once (every entry is keyed by the
+  planner's sources and versions, so a stale one is never read: it only costs a replay).
 Prose around them is not rewritten: read the diff. tests/test_recipes.py fails until this is run.
 """
 
 import contextlib
 import io
+import json
+import os
 import re
 import runpy
 import sys
+import tempfile
 from pathlib import Path
 
-from mlx_ft.planner import plan
-from mlx_ft.recipe import load_recipe
+# Replay everything into an empty cache, whose entries are then exactly the ones shipped.
+os.environ["MLX_FT_CACHE"] = tempfile.mkdtemp(prefix="mlxft-plan-quotes-")
+
+from mlx_ft.planner import plan  # noqa: E402
+from mlx_ft.planner import plan_cache  # noqa: E402
+from mlx_ft.recipe import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -58,6 +68,9 @@ def main() -> None:
     if text != doc.read_text():
         doc.write_text(text)
         print("updated docs/choosing.md tables; check the numbers quoted in its prose")
+    entries = plan_cache.entries()
+    plan_cache.SHIPPED.write_text(json.dumps(entries, indent=0, sort_keys=True) + "\n")
+    print(f"wrote {plan_cache.SHIPPED.relative_to(ROOT)}: {len(entries)} replayed estimates")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def predict(shape: ModelShape, st: Settings, memory_model: str = "auto") -> Esti
     Raises:
         PlanError: memory_model "replay" and the step cannot be traced, or an unknown memory_model.
     """
+    from .plan_cache import cached
     from .replay import replay_estimate
 
     if memory_model not in ("auto", "replay", "formula"):
@@ -133,7 +134,9 @@ def predict(shape: ModelShape, st: Settings, memory_model: str = "auto") -> Esti
     if memory_model == "formula":
         return estimate(shape, st)
     try:
-        return replay_estimate(shape, st)
+        if shape.config is None:
+            return replay_estimate(shape, st)  # raises: nothing to build the model from
+        return cached(shape.config, st, lambda: replay_estimate(shape, st))
     except Exception as e:  # TraceError, or anything tracing an untested architecture/backend raises
         if memory_model == "replay":
             raise PlanError(f"--memory-model replay: cannot trace this step: {type(e).__name__}: {e}") from None
