@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ExportError
+from ..hfconfig import normalize
 from ._io import atomic_file, check_disk
 
 
@@ -107,7 +108,8 @@ def check_supported(config: dict) -> Family:
         raise ExportError(f"GGUF export does not support model_type {mt!r}; supported: "
                           f"{', '.join(sorted(FAMILIES))}. `--to safetensors` works for every model mlx-lm "
                           "loads, and llama.cpp's convert_hf_to_gguf.py can convert that directory")
-    if mt == "phi3" and (config.get("rope_scaling") or {}).get("type", (config.get("rope_scaling") or {}).get("rope_type")) in ("longrope", "su"):
+    rs = text_config(config).get("rope_scaling") or {}
+    if mt == "phi3" and rs.get("rope_type", rs.get("type")) in ("longrope", "su"):
         raise ExportError("phi3 with LongRoPE scaling (the 128k models) is not supported yet; "
                           "export --to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
     if mt in ("gemma2", "gemma3_text"):
@@ -140,6 +142,9 @@ def _check_gemma_query_scale(c: dict, mt: str) -> None:
 
 
 def text_config(config: dict) -> dict:
+    """The language model's config (a multimodal config's text_config on top), RoPE keys in both
+    spellings (transformers 4 and 5, `mlx_ft.hfconfig`)."""
+    config = normalize(config)
     return {**config, **config["text_config"]} if "text_config" in config else config
 
 
@@ -150,7 +155,7 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def llama3_rope_freqs(c: dict) -> np.ndarray | None:
     """Llama 3.x RoPE scaling as llama.cpp wants it: per-frequency factors, (head_dim / 2,)."""
-    rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    rs = c.get("rope_scaling") or {}
     if (rs.get("rope_type") or rs.get("type")) != "llama3":
         return None
     dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
