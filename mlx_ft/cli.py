@@ -250,9 +250,11 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Re-quantize the safetensors for MLX (lossy).")
 @click.option("--lmstudio-dir", type=click.Path(path_type=Path), envvar="LMSTUDIO_MODELS_DIR",
               help="--to lmstudio: LM Studio's models directory [env LMSTUDIO_MODELS_DIR; default ~/.lmstudio/models].")
+@click.option("--gguf-pre", help="BPE pre-tokenizer name for llama.cpp, only when its table does not know "
+              "the tokenizer (the error lists the names).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing target.")
 @user_errors
-def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, overwrite):
+def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, gguf_pre, overwrite):
     """Merge the adapter into its (dequantized) base and write the model.
 
     \b
@@ -264,7 +266,8 @@ def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, 
     from .export import fuse as fuse_export
 
     path = fuse_export(run_or_adapter_dir, to=to, out=out, dtype=dtype, gguf_type=gguf_type,
-                       quantize=int(quantize) if quantize else None, overwrite=overwrite, lmstudio_dir=lmstudio_dir)
+                       quantize=int(quantize) if quantize else None, overwrite=overwrite, lmstudio_dir=lmstudio_dir,
+                       gguf_pre=gguf_pre)
     click.echo(f"wrote {path}")
     if to == "gguf":
         click.echo(f"wrote {path.parent / 'Modelfile'}  (ollama create NAME -f {path.parent / 'Modelfile'})")

@@ -133,6 +133,7 @@ def build_tiny_model(
     tokenizer: str = "bpe",
     final_norm_scale: float = 1.0,
     transformers5: bool = False,
+    bpe_tokenizer=None,
 ) -> Path:
     """Write a randomly initialised model of `family` with a tokenizer trained on `texts`.
 
@@ -143,6 +144,7 @@ def build_tiny_model(
             confident the model can get (about 0.8 nats per token at hidden 128, vocab 768),
             so a demo trained with adapters only would plateau; a trained model has no such cap.
         transformers5: write config.json as transformers 5 does (RoPE settings in `rope_parameters`).
+        bpe_tokenizer: a `tokenizers.Tokenizer` to use instead of training one (e.g. a real model's).
     Returns the directory, written under a temporary name and renamed when complete.
     """
     import mlx.core as mx
@@ -157,7 +159,7 @@ def build_tiny_model(
     texts = list(texts)
     with atomic_dir(out_dir) as tmp:
         if tokenizer == "bpe":
-            tok = train_bpe_tokenizer(texts, vocab_size)
+            tok = bpe_tokenizer or train_bpe_tokenizer(texts, vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
             n_vocab, tok_id = tok.get_vocab_size(), tok.token_to_id
             bos, add_bos, tok_class = None, False, "PreTrainedTokenizerFast"

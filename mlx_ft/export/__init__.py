@@ -38,7 +38,7 @@ def _default_out(adapter_dir: Path, what: str) -> Path:
 
 def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type: str = "f16",
          quantize: int | None = None, overwrite: bool = False, group_size: int = 64,
-         lmstudio_dir: str | Path | None = None) -> Path:
+         lmstudio_dir: str | Path | None = None, gguf_pre: str | None = None) -> Path:
     """Merge the adapter of a run (or adapter directory) into its dequantized base and write it.
 
     Args:
@@ -52,6 +52,7 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
         quantize: 4 or 8 to re-quantize the safetensors for MLX (lossy; MLX-only format).
         overwrite: replace an existing target.
         lmstudio_dir: LM Studio's models directory (default $LMSTUDIO_MODELS_DIR or ~/.lmstudio/models).
+        gguf_pre: llama.cpp pre-tokenizer name for a BPE tokenizer its converter's table does not know.
     Returns:
         the written directory or file.
     Raises:
@@ -114,10 +115,11 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
         cast_model(adapted.model, dtype)
         q = {"bits": quantize, "group_size": group_size} if quantize else None
         return write_hf_dir(adapted.model, adapted.base_dir, out, dtype, q)
-    return _write_fused_gguf(adapted, out, gguf_type, overwrite, modelfile=to == "gguf")
+    return _write_fused_gguf(adapted, out, gguf_type, overwrite, modelfile=to == "gguf", pre=gguf_pre)
 
 
-def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool, modelfile: bool = True) -> Path:
+def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool, modelfile: bool = True,
+                      pre: str | None = None) -> Path:
     from .gguf_file import write_model_gguf
     from .ollama import write_modelfile
 
@@ -127,10 +129,11 @@ def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool, model
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".f16-", dir=out.parent) as tmp:  # the f16 input
-            f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name)
+            f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name,
+                                   pre=pre)
             quantize_gguf(f16, out, gguf_type)
     else:
-        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name)
+        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name, pre=pre)
     if modelfile:  # Ollama's; LM Studio reads the chat template inside the GGUF
         write_modelfile(out, adapted.base_dir, overwrite=True)
     return out

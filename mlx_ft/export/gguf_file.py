@@ -187,7 +187,8 @@ def _add_common_hparams(w, c: dict, fam: Family) -> None:
     w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
     if c.get("rope_theta") is not None:
         w.add_rope_freq_base(c["rope_theta"])
-    if fam.key_length or (fam.arch == "llama" and c.get("head_dim")):
+    # The converter writes head_dim whenever the config has it, except in Phi-3's own writer.
+    if fam.key_length or (c.get("head_dim") and fam.arch != "phi3"):
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -260,8 +261,11 @@ def _encode(name: str, arr: np.ndarray, gguf_type: str):
         return arr.astype(np.float16), None
 
 
-def write_model_gguf(model, base_dir: Path, out: Path, gguf_type: str, name: str, tokenizer=None) -> Path:
-    """Write a fused (float, unquantized) mlx-lm model with its tokenizer as one GGUF file."""
+def write_model_gguf(model, base_dir: Path, out: Path, gguf_type: str, name: str, tokenizer=None,
+                     pre: str | None = None) -> Path:
+    """Write a fused (float, unquantized) mlx-lm model with its tokenizer as one GGUF file.
+
+    `pre` names the BPE pre-tokenizer when llama.cpp's table does not know the tokenizer."""
     import json
 
     import gguf
@@ -288,7 +292,7 @@ def write_model_gguf(model, base_dir: Path, out: Path, gguf_type: str, name: str
         _add_common_hparams(w, c, fam)
         w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[gguf_type]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_vocab(w, base_dir, tokenizer, n_vocab)
+        add_vocab(w, base_dir, tokenizer, n_vocab, pre)
         for gname, arr in tensors:
             data, raw = _encode(gname, arr, gguf_type)
             w.add_tensor(gname, data, raw_dtype=raw)
