@@ -14,6 +14,8 @@ from pathlib import Path
 import click
 
 from .errors import MlxFtError
+from .export import GGUF_TYPES
+from .export.quantize import LLAMA_CPP_TYPES, NEEDS_IMATRIX
 
 EXIT_USER_ERROR = 2
 
@@ -235,31 +237,44 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
 
 @main.command()
 @click.argument("run_or_adapter_dir", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,
-              help="Hugging Face directory (mlx-lm, transformers) or one GGUF file (llama.cpp, Ollama).")
+@click.option("--to", "to", type=click.Choice(["safetensors", "gguf", "lmstudio"]), default="safetensors",
+              show_default=True, help="Hugging Face directory (mlx-lm, transformers), one GGUF file (llama.cpp, "
+              "Ollama), or into LM Studio's models directory (GGUF; MLX with --quantize).")
 @click.option("--out", type=click.Path(path_type=Path), help="Target dir or .gguf file [default: RUN/export/...].")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True,
               help="Float type of the safetensors weights.")
 @click.option("--gguf-type", default="f16", show_default=True,
-              help="f32, f16, bf16, q8_0, q4_0; K-quants (q4_k_m, q5_k_m, q6_k, ...) via llama-quantize.")
+              help=f"Written directly: {', '.join(GGUF_TYPES)}. By llama.cpp's quantizer (llama-quantize, else "
+              f"llama-cpp-python): {', '.join(t for t in LLAMA_CPP_TYPES if t not in NEEDS_IMATRIX)}. Refused, "
+              f"they need an importance matrix: {', '.join(NEEDS_IMATRIX)}.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Re-quantize the safetensors for MLX (lossy).")
+@click.option("--lmstudio-dir", type=click.Path(path_type=Path), envvar="LMSTUDIO_MODELS_DIR",
+              help="--to lmstudio: LM Studio's models directory [env LMSTUDIO_MODELS_DIR; default ~/.lmstudio/models].")
+@click.option("--gguf-pre", help="BPE pre-tokenizer name for llama.cpp, only when its table does not know "
+              "the tokenizer (the error lists the names).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing target.")
 @user_errors
-def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, overwrite):
+def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, gguf_pre, overwrite):
     """Merge the adapter into its (dequantized) base and write the model.
 
     \b
     Example:
       mlxft fuse runs/demo --to safetensors --dtype bf16
-      mlxft fuse runs/demo --to gguf --gguf-type q8_0
+      mlxft fuse runs/demo --to gguf --gguf-type q4_k_m
+      mlxft fuse runs/demo --to lmstudio --gguf-type q8_0
     """
     from .export import fuse as fuse_export
 
     path = fuse_export(run_or_adapter_dir, to=to, out=out, dtype=dtype, gguf_type=gguf_type,
-                       quantize=int(quantize) if quantize else None, overwrite=overwrite)
+                       quantize=int(quantize) if quantize else None, overwrite=overwrite, lmstudio_dir=lmstudio_dir,
+                       gguf_pre=gguf_pre)
     click.echo(f"wrote {path}")
     if to == "gguf":
         click.echo(f"wrote {path.parent / 'Modelfile'}  (ollama create NAME -f {path.parent / 'Modelfile'})")
+    elif to == "lmstudio":
+        from .export.lmstudio import how_to_load
+
+        click.echo(how_to_load(path))
 
 
 @main.command("export-adapter")

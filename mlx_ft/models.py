@@ -32,11 +32,17 @@ def load_base(cfg: ModelConfig, texts: Callable[[], list[str]] | None = None):
     """
     from mlx_lm.utils import load
 
+    from .hfconfig import normalize
+
     model_dir = resolve_model_path(cfg.path, cfg.revision, texts)
+    # mlx-lm reads only transformers 4's RoPE keys: give it those of a transformers-5 config too.
+    raw = json.loads((model_dir / "config.json").read_text())
+    rope = {k: v for k, v in normalize(raw, str(model_dir / "config.json")).items() if raw.get(k) != v}
     try:
         # Quantizing on load: read lazily, so the 16-bit weights are never all in memory at once.
         model, tokenizer = load(str(model_dir), tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
-                                trust_remote_code=cfg.trust_remote_code, lazy=cfg.quantize is not None)
+                                model_config=rope, trust_remote_code=cfg.trust_remote_code,
+                                lazy=cfg.quantize is not None)
     except ValueError as e:  # mlx-lm: "Model type X not supported."
         raise ModelError(f"model.path: mlx-lm cannot load {model_dir}: {e}") from None
     if cfg.quantize is not None:

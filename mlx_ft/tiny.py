@@ -132,6 +132,8 @@ def build_tiny_model(
     extra_config: dict | None = None,
     tokenizer: str = "bpe",
     final_norm_scale: float = 1.0,
+    transformers5: bool = False,
+    bpe_tokenizer=None,
 ) -> Path:
     """Write a randomly initialised model of `family` with a tokenizer trained on `texts`.
 
@@ -141,6 +143,8 @@ def build_tiny_model(
         final_norm_scale: weight of the final RMSNorm. With 1.0 a random frozen head caps how
             confident the model can get (about 0.8 nats per token at hidden 128, vocab 768),
             so a demo trained with adapters only would plateau; a trained model has no such cap.
+        transformers5: write config.json as transformers 5 does (RoPE settings in `rope_parameters`).
+        bpe_tokenizer: a `tokenizers.Tokenizer` to use instead of training one (e.g. a real model's).
     Returns the directory, written under a temporary name and renamed when complete.
     """
     import mlx.core as mx
@@ -155,7 +159,7 @@ def build_tiny_model(
     texts = list(texts)
     with atomic_dir(out_dir) as tmp:
         if tokenizer == "bpe":
-            tok = train_bpe_tokenizer(texts, vocab_size)
+            tok = bpe_tokenizer or train_bpe_tokenizer(texts, vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
             n_vocab, tok_id = tok.get_vocab_size(), tok.token_to_id
             bos, add_bos, tok_class = None, False, "PreTrainedTokenizerFast"
@@ -195,8 +199,10 @@ def build_tiny_model(
             weights.pop("lm_head.weight", None)  # some MLX classes build lm_head regardless
 
         from .hf_layout import hf_weights
+        from .hfconfig import transformers5_spelling
 
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        saved = transformers5_spelling(config) if transformers5 else config
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2))
         weights = hf_weights(weights, config["model_type"])  # HF names (per-expert MoE tensors)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
         tok_config = json.loads((tmp / "tokenizer_config.json").read_text()) if tokenizer == "spm" else {}

@@ -32,6 +32,7 @@ SIDEWAYS = {
     ("evaluate", "generate"): "evaluation generates every assistant turn",
     ("hub", "tiny"): "builtin: model paths are built by tiny",
     ("tiny", "hf_layout"): "tiny models are written as Hugging Face checkpoints",
+    ("tiny", "hfconfig"): "tiny models write their config in transformers 4's or 5's spelling",
     ("recipe_reference", "recipe"): "the reference is generated from the recipe's dataclasses",
 }
 

@@ -171,10 +171,13 @@ def test_interrupted_export_leaves_no_file_under_final_name(root, llama_base, mo
     assert list(out.parent.iterdir()) == []  # neither model.gguf nor a temp file left
 
 
-def test_k_quant_without_llama_quantize_says_how_to_get_it(root, llama_base, monkeypatch):
+def test_k_quant_without_any_quantizer_says_how_to_get_one(root, llama_base, monkeypatch):
+    import sys
+
     adapter_dir, _ = make_adapter(root, llama_base, seed=9)
     monkeypatch.setenv("PATH", str(root / "empty-bin"))
-    with pytest.raises(ExportError, match="llama-quantize.*brew install llama.cpp"):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # neither the binary nor llama-cpp-python
+    with pytest.raises(ExportError, match=r"--gguf-type q4_k_m .*pip install 'mlx-ft\[gguf\]'.*llama-quantize"):
         fuse(adapter_dir, to="gguf", gguf_type="q4_k_m")
 
 

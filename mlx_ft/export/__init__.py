@@ -12,21 +12,19 @@ under a temp name that is renamed when complete.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import ExportError
 from ._io import check_target
+from .quantize import ALIASES, LLAMA_CPP_TYPES
 
-FUSE_FORMATS = ("safetensors", "gguf")
+FUSE_FORMATS = ("safetensors", "gguf", "lmstudio")
 ADAPTER_FORMATS = ("peft", "gguf-lora")
 DTYPES = ("bf16", "f16", "f32")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # written by gguf-py directly
-# K-quants and other mixtures are made by llama.cpp's llama-quantize from an f16 file.
-LLAMA_QUANTIZE_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
-                        "q6_k", "iq4_nl", "iq4_xs")
+# Every other llama.cpp file type is made by llama.cpp's quantizer from an f16 file (quantize.py).
+LLAMA_QUANTIZE_TYPES = tuple(LLAMA_CPP_TYPES) + tuple(ALIASES)
 
 __all__ = ["fuse", "export_adapter", "run_exports", "FUSE_FORMATS", "ADAPTER_FORMATS", "GGUF_TYPES",
            "LLAMA_QUANTIZE_TYPES", "DTYPES"]
@@ -39,17 +37,22 @@ def _default_out(adapter_dir: Path, what: str) -> Path:
 
 
 def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type: str = "f16",
-         quantize: int | None = None, overwrite: bool = False, group_size: int = 64) -> Path:
+         quantize: int | None = None, overwrite: bool = False, group_size: int = 64,
+         lmstudio_dir: str | Path | None = None, gguf_pre: str | None = None) -> Path:
     """Merge the adapter of a run (or adapter directory) into its dequantized base and write it.
 
     Args:
         path: run directory or adapter directory.
-        to: "safetensors" (HF directory) or "gguf" (one file, plus a Modelfile next to it).
+        to: "safetensors" (HF directory), "gguf" (one file, plus a Modelfile next to it) or
+            "lmstudio" (into LM Studio's models directory: GGUF, or MLX when `quantize` is given).
         out: target directory (safetensors) or .gguf file; default <run>/export/...
         dtype: float type of the safetensors weights (bf16, f16, f32).
-        gguf_type: f32, f16, bf16, q8_0, q4_0, or a K-quant such as q4_k_m (needs llama-quantize).
+        gguf_type: f32, f16, bf16, q8_0, q4_0 (gguf-py), or any other llama.cpp file type such as
+            q4_k_m (llama.cpp's quantizer: llama-quantize on PATH, else llama-cpp-python in-process).
         quantize: 4 or 8 to re-quantize the safetensors for MLX (lossy; MLX-only format).
         overwrite: replace an existing target.
+        lmstudio_dir: LM Studio's models directory (default $LMSTUDIO_MODELS_DIR or ~/.lmstudio/models).
+        gguf_pre: llama.cpp pre-tokenizer name for a BPE tokenizer its converter's table does not know.
     Returns:
         the written directory or file.
     Raises:
@@ -65,53 +68,74 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     gguf_type = gguf_type.lower()
-    if to == "gguf":
+    if to == "lmstudio":  # GGUF for llama.cpp, or MLX when re-quantized for it
+        if out is not None:
+            raise ExportError("--out does not apply to --to lmstudio: the model goes to LM Studio's models "
+                              "directory; choose another one with --lmstudio-dir or $LMSTUDIO_MODELS_DIR")
+        fmt = "safetensors" if quantize else "gguf"
+    else:
+        fmt = to
+    if fmt == "gguf":
         if gguf_type not in GGUF_TYPES + LLAMA_QUANTIZE_TYPES:
-            raise ExportError(f"--gguf-type {gguf_type}: expected one of {', '.join(GGUF_TYPES)}, or a "
-                              f"llama-quantize type ({', '.join(LLAMA_QUANTIZE_TYPES)})")
+            raise ExportError(f"--gguf-type {gguf_type}: not a llama.cpp file type; expected one of "
+                              f"{', '.join(GGUF_TYPES)} (written directly) or {', '.join(LLAMA_QUANTIZE_TYPES)} "
+                              "(llama.cpp's quantizer); see docs/export.md")
         if gguf_type in LLAMA_QUANTIZE_TYPES:
-            _llama_quantize_binary(gguf_type)  # fail before the slow part
+            from .quantize import check_type
+
+            gguf_type = check_type(gguf_type)  # fail before the slow part
         if quantize:
-            raise ExportError("--quantize applies to --to safetensors; for GGUF choose --gguf-type q8_0, q4_0 or q4_k_m")
+            raise ExportError(f"--quantize {quantize} applies to --to safetensors (MLX); a GGUF's precision is "
+                              f"--gguf-type (now {gguf_type}), e.g. --gguf-type q8_0 or q4_k_m")
     if quantize not in (None, 4, 8):
         raise ExportError(f"--quantize {quantize}: expected 4 or 8 (bits)")
 
     adapter_dir = find_adapter_dir(path)
+    if to == "lmstudio":
+        from .lmstudio import target
+
+        run_name = (adapter_dir.parent if adapter_dir.name == "adapters" else adapter_dir).name
+        out = target(run_name, gguf_type if fmt == "gguf" else None, quantize, lmstudio_dir)
     if out is None:
         out = _default_out(adapter_dir, "safetensors" if to == "safetensors" else f"gguf/model-{gguf_type}.gguf")
     out = Path(out)
-    if to == "gguf" and out.suffix != ".gguf":
+    if fmt == "gguf" and out.suffix != ".gguf":
         out = out / f"model-{gguf_type}.gguf"  # --out names a directory
     check_target(out, overwrite)
-    if to == "gguf":
+    if fmt == "gguf":
         from .gguf_file import check_supported
 
         check_supported(_read_base_config(adapter_dir))  # refuse an unknown architecture before loading
 
     adapted = load_adapted(adapter_dir)
     fuse_model(adapted.model)
-    if to == "safetensors":
+    if fmt == "safetensors":
         from .hf import write_hf_dir
 
         cast_model(adapted.model, dtype)
         q = {"bits": quantize, "group_size": group_size} if quantize else None
         return write_hf_dir(adapted.model, adapted.base_dir, out, dtype, q)
-    return _write_fused_gguf(adapted, out, gguf_type, overwrite)
+    return _write_fused_gguf(adapted, out, gguf_type, overwrite, modelfile=to == "gguf", pre=gguf_pre)
 
 
-def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool) -> Path:
+def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool, modelfile: bool = True,
+                      pre: str | None = None) -> Path:
     from .gguf_file import write_model_gguf
     from .ollama import write_modelfile
 
     name = Path(str(adapted.config.get("base_model", "model"))).name + "-fused"
     if gguf_type in LLAMA_QUANTIZE_TYPES:
+        from .quantize import quantize_gguf
+
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".f16-", dir=out.parent) as tmp:  # the f16 input
-            f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name)
-            _run_llama_quantize(f16, out, gguf_type)
+            f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name,
+                                   pre=pre)
+            quantize_gguf(f16, out, gguf_type)
     else:
-        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name)
-    write_modelfile(out, adapted.base_dir, overwrite=True)
+        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name, pre=pre)
+    if modelfile:  # Ollama's; LM Studio reads the chat template inside the GGUF
+        write_modelfile(out, adapted.base_dir, overwrite=True)
     return out
 
 
@@ -125,29 +149,6 @@ def _read_base_config(adapter_dir: Path) -> dict:
     if not base:
         raise ExportError(f"{adapter_dir}/adapter_config.json: no base_model recorded")
     return json.loads((resolve_model_path(base) / "config.json").read_text())
-
-
-def _llama_quantize_binary(gguf_type: str) -> str:
-    exe = shutil.which("llama-quantize")
-    if exe is None:
-        raise ExportError(
-            f"--gguf-type {gguf_type} needs llama.cpp's `llama-quantize` on PATH, which was not found. "
-            "Get it with `brew install llama.cpp` (macOS) or build llama.cpp "
-            "(cmake -B build && cmake --build build --target llama-quantize). Or export "
-            "--gguf-type f16 and run `llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M` yourself; "
-            "q8_0 and q4_0 need no extra tool.")
-    return exe
-
-
-def _run_llama_quantize(src: Path, out: Path, gguf_type: str) -> None:
-    from ._io import atomic_file
-
-    exe = _llama_quantize_binary(gguf_type)
-    with atomic_file(out) as tmp:
-        proc = subprocess.run([exe, str(src), str(tmp), gguf_type.upper()], capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-5:])
-            raise ExportError(f"llama-quantize failed ({proc.returncode}) making {out}:\n{tail}")
 
 
 def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, with_base: str | None = None) -> Path:

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ExportError
+from ..hfconfig import normalize
 from ._io import atomic_file, check_disk
 
 
@@ -107,7 +108,8 @@ def check_supported(config: dict) -> Family:
         raise ExportError(f"GGUF export does not support model_type {mt!r}; supported: "
                           f"{', '.join(sorted(FAMILIES))}. `--to safetensors` works for every model mlx-lm "
                           "loads, and llama.cpp's convert_hf_to_gguf.py can convert that directory")
-    if mt == "phi3" and (config.get("rope_scaling") or {}).get("type", (config.get("rope_scaling") or {}).get("rope_type")) in ("longrope", "su"):
+    rs = text_config(config).get("rope_scaling") or {}
+    if mt == "phi3" and rs.get("rope_type", rs.get("type")) in ("longrope", "su"):
         raise ExportError("phi3 with LongRoPE scaling (the 128k models) is not supported yet; "
                           "export --to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
     if mt in ("gemma2", "gemma3_text"):
@@ -140,6 +142,9 @@ def _check_gemma_query_scale(c: dict, mt: str) -> None:
 
 
 def text_config(config: dict) -> dict:
+    """The language model's config (a multimodal config's text_config on top), RoPE keys in both
+    spellings (transformers 4 and 5, `mlx_ft.hfconfig`)."""
+    config = normalize(config)
     return {**config, **config["text_config"]} if "text_config" in config else config
 
 
@@ -150,7 +155,7 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def llama3_rope_freqs(c: dict) -> np.ndarray | None:
     """Llama 3.x RoPE scaling as llama.cpp wants it: per-frequency factors, (head_dim / 2,)."""
-    rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    rs = c.get("rope_scaling") or {}
     if (rs.get("rope_type") or rs.get("type")) != "llama3":
         return None
     dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
@@ -182,7 +187,8 @@ def _add_common_hparams(w, c: dict, fam: Family) -> None:
     w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
     if c.get("rope_theta") is not None:
         w.add_rope_freq_base(c["rope_theta"])
-    if fam.key_length or (fam.arch == "llama" and c.get("head_dim")):
+    # The converter writes head_dim whenever the config has it, except in Phi-3's own writer.
+    if fam.key_length or (c.get("head_dim") and fam.arch != "phi3"):
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -255,8 +261,11 @@ def _encode(name: str, arr: np.ndarray, gguf_type: str):
         return arr.astype(np.float16), None
 
 
-def write_model_gguf(model, base_dir: Path, out: Path, gguf_type: str, name: str, tokenizer=None) -> Path:
-    """Write a fused (float, unquantized) mlx-lm model with its tokenizer as one GGUF file."""
+def write_model_gguf(model, base_dir: Path, out: Path, gguf_type: str, name: str, tokenizer=None,
+                     pre: str | None = None) -> Path:
+    """Write a fused (float, unquantized) mlx-lm model with its tokenizer as one GGUF file.
+
+    `pre` names the BPE pre-tokenizer when llama.cpp's table does not know the tokenizer."""
     import json
 
     import gguf
@@ -283,7 +292,7 @@ def write_model_gguf(model, base_dir: Path, out: Path, gguf_type: str, name: str
         _add_common_hparams(w, c, fam)
         w.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[gguf_type]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_vocab(w, base_dir, tokenizer, n_vocab)
+        add_vocab(w, base_dir, tokenizer, n_vocab, pre)
         for gname, arr in tensors:
             data, raw = _encode(gname, arr, gguf_type)
             w.add_tensor(gname, data, raw_dtype=raw)

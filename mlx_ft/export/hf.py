@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..hf_layout import hf_weights
+from ..hfconfig import normalize, with_architecture
 from ._io import atomic_dir, check_disk
 
 # Files copied unchanged from the base directory: the tokenizer and the generation defaults.
@@ -56,7 +57,10 @@ def write_hf_dir(model, base_dir: Path, out: Path, dtype: str, quantize: dict | 
     from mlx.utils import tree_flatten
     from mlx_lm.utils import make_shards, quantize_model
 
-    config = json.loads((base_dir / "config.json").read_text())
+    # Both RoPE spellings (mlx-lm reads only transformers 4's) and a class name llama.cpp's converter
+    # can find, whatever the base's config had.
+    config = with_architecture(normalize(json.loads((base_dir / "config.json").read_text()),
+                                         str(base_dir / "config.json")))
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)
     config["torch_dtype"] = config["dtype"] = TORCH_DTYPE[dtype]

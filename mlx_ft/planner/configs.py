@@ -121,6 +121,9 @@ class ModelShape:
 
 def shape_from_config(cfg: dict, name: str, source: str) -> ModelShape:
     """Read the dimensions from a Hugging Face config.json dict (text config for VLMs)."""
+    from ..hfconfig import normalize
+
+    cfg = normalize(cfg, source)  # RoPE keys in mlx-lm's spelling for the traced model class
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
     try:

@@ -1,0 +1,191 @@
+"""mlx_ft's GGUF equals llama.cpp's own converter's: for each family's tiny model (configs also in the
+transformers-5 spelling, one with `architectures: null`), llama.cpp's convert_hf_to_gguf.py from the
+llama-cpp-python sdist converts mlx_ft's fused `--to safetensors` directory, and every tensor and
+every metadata key that affects inference must equal mlx_ft's own `--to gguf` file. The keys that
+differ on purpose are DELIBERATE below (docs/export.md says why).
+
+BPE tokenizers the converter cannot name (a hash unknown to its table, as every tokenizer trained
+here is) make it stop, so the BPE cases use Qwen2's real tokenizer, rebuilt from the vocabulary GGUF
+llama.cpp ships for its tokenizer tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from llama_cpp_src import llama_cpp_dir
+from test_export_helpers import build_base, make_adapter
+
+from mlx_ft.export import fuse
+from mlx_ft.export.vocab import BPE_PRE, PRE_DEFINITIONS
+
+# general.* naming the converter derives from the directory and its model card (name, size label,
+# basename, ...): descriptive only, llama.cpp does not read them to run the model.
+DELIBERATE = ("general.name", "general.size_label", "general.basename", "general.finetune",
+              "general.version", "general.license", "general.tags", "general.languages")
+# The converter takes a SentencePiece model's added tokens from tokenizer_config.json's
+# added_tokens_decoder, which transformers 5 no longer writes, so it marks chat markers NORMAL;
+# mlx_ft takes them from the tokenizer transformers builds (what training used): CONTROL, score
+# -1000. mlx_ft also writes add_space_prefix for every SentencePiece model (True is llama.cpp's
+# default when the key is absent). Both only where `sentencepiece_added` allows.
+SPM_ADDED = ("tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+# Per case, keys where mlx_ft is right and the converter is not, for these tiny models (each checked
+# in llama.cpp against MLX logits by test_export_gguf.py):
+# - Gemma 3's converter writes add_space_prefix = False for every tokenizer (Gemma's have no dummy
+#   prefix); mlx_ft writes what the SentencePiece model does (the tiny one adds it);
+# - it writes no sliding_window_pattern when the config has sliding_window_pattern but no
+#   layer_types, so llama.cpp assumes 5 local layers in 6; mlx_ft writes the config's pattern.
+CASE_DIFFERENCES = {"gemma3-spm-t5": ("tokenizer.ggml.add_space_prefix", "gemma3.attention.sliding_window_pattern")}
+# id -> (family, tokenizer, transformers-5 spelling, extra config)
+CASES = {
+    "llama-spm": ("llama", "spm", False, {}),
+    "llama-gpt2tok-t5-noarch": ("llama", "gpt-2", True, {"rope_theta": 100000.0, "architectures": None}),
+    "qwen2-spm-tied": ("qwen2", "spm", False, {"tie_word_embeddings": True}),
+    "qwen3-spm-t5": ("qwen3", "spm", True, {}),
+    "gemma3-spm-t5": ("gemma3", "spm", True, {}),
+    "phi3-spm-t5": ("phi3", "spm", True, {}),
+    "mixtral-spm": ("mixtral", "spm", False, {}),
+}
+DRIVER = """
+import json, sys, traceback
+import convert_hf_to_gguf as conv
+done = {}
+for case, src, out in json.loads(sys.argv[1]):
+    sys.argv = ["convert_hf_to_gguf.py", src, "--outfile", out, "--outtype", "f32"]
+    try:
+        conv.main()
+        done[case] = "ok"
+    except BaseException:
+        done[case] = traceback.format_exc()[-1500:]
+print(json.dumps(done))
+"""
+
+
+def real_bpe_tokenizer(name: str):
+    """llama.cpp's vocabulary GGUF of a real tokenizer, rebuilt as a `tokenizers.Tokenizer` with
+    mlx_ft's definition of its pre-tokenizer (a leading bos for Llama 3, as its tokenizer adds)."""
+    from tokenizers import Tokenizer
+
+    cached = llama_cpp_dir().parent / f"tokenizer-{name}.json"  # reading the GGUF's strings takes seconds
+    if cached.is_file():
+        return Tokenizer.from_file(str(cached))
+    r = gguf.GGUFReader(str(llama_cpp_dir() / "models" / f"ggml-vocab-{name}.gguf"))
+    text = lambda key: [bytes(r.fields[key].parts[i]).decode() for i in r.fields[key].data]  # noqa: E731
+    tokens, merges = text("tokenizer.ggml.tokens"), text("tokenizer.ggml.merges")
+    types = [int(r.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in r.fields["tokenizer.ggml.token_type"].data]
+    tj = {"version": "1.0", **PRE_DEFINITIONS[name], "post_processor": None,
+          "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i, t in enumerate(tokens) if types[i] == 3],
+          "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                    "ignore_merges": name == "llama-bpe", "vocab": {t: i for i, t in enumerate(tokens)},
+                    "merges": merges}}
+    if name == "llama-bpe":
+        bos = tokens[int(r.fields["tokenizer.ggml.bos_token_id"].parts[-1][0])]
+        seq = lambda i: {"Sequence": {"id": i, "type_id": 0}}  # noqa: E731
+        tj["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                seq("A")], "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, seq("A"), seq("B")],
+                                "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)], "tokens": [bos]}}}
+    cached.write_text(json.dumps(tj))
+    return Tokenizer.from_str(json.dumps(tj))
+
+
+@pytest.mark.parametrize("name", list(PRE_DEFINITIONS))
+def test_pre_tokenizer_definitions_are_the_real_ones(name):
+    """Rebuilt with mlx_ft's definition, the real tokenizer hashes to the converter's name for it and
+    gives the token ids of llama.cpp's own tokenizer tests (models/ggml-vocab-NAME.gguf.inp/.out)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=real_bpe_tokenizer(name))
+    digest = hashlib.sha256(str(tok.encode(BPE_PRE["chktxt"])).encode()).hexdigest()
+    assert BPE_PRE["table"][digest]["pre"] == name
+    models = llama_cpp_dir() / "models"
+    texts = (models / f"ggml-vocab-{name}.gguf.inp").read_text().split("\n__ggml_vocab_test__\n")
+    ids = (models / f"ggml-vocab-{name}.gguf.out").read_text().strip().split("\n")
+    for text, want in zip(texts, ids):
+        assert tok.encode(text, add_special_tokens=False) == [int(i) for i in want.split()], text
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Each case: mlx_ft's f32 GGUF, and the converter's f32 GGUF of mlx_ft's fused HF directory
+    (all cases converted by one process: torch and transformers load once)."""
+    root = tmp_path_factory.mktemp("convert")
+    jobs, ours = [], {}
+    for case, (family, tok, t5, extra) in CASES.items():
+        real = {}
+        if tok in PRE_DEFINITIONS:
+            real["bpe_tokenizer"] = real_bpe_tokenizer(tok)
+            real["bpe_tokenizer"].add_special_tokens(["<|im_start|>", "<|im_end|>"])  # the tiny chat template's
+        base = build_base(root, family, "bpe" if real else tok, tag="-" + case, transformers5=t5,
+                          extra_config=extra, **real)
+        adapter_dir, _ = make_adapter(root, base)
+        hf_dir = fuse(adapter_dir, to="safetensors", dtype="f32")
+        ours[case] = fuse(adapter_dir, to="gguf", gguf_type="f32")
+        jobs.append((case, str(hf_dir), str(root / f"{case}-converter.gguf")))
+    src = llama_cpp_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(src / "gguf-py")]), "NO_LOCAL_GGUF": ""}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(jobs)], cwd=src, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {case: (ours[case], root / f"{case}-converter.gguf", status[case]) for case, _, _ in jobs}
+
+
+def _fields(path) -> dict:
+    """key -> the field's raw bytes (type and value): equal bytes, equal value."""
+    r = gguf.GGUFReader(str(path))
+    return {key: bytes(r.data[f.offset:f.offset + sum(p.nbytes for p in f.parts)])
+            for key, f in r.fields.items() if not key.startswith("GGUF.")}
+
+
+def _decode(path, key):
+    f = gguf.GGUFReader(str(path)).fields[key]
+    vals = [f.parts[i] for i in f.data]
+    if f.types[-1] == gguf.GGUFValueType.STRING:
+        return [bytes(v).decode() for v in vals]
+    return [v.tolist()[0] for v in vals]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gguf_equals_llama_cpp_converter(converted, case):
+    ours, ref, status = converted[case]
+    assert status == "ok", f"llama.cpp's converter failed on mlx_ft's fused directory:\n{status}"
+    mine, theirs = _fields(ours), _fields(ref)
+    keys = (set(mine) | set(theirs)) - set(DELIBERATE) - set(CASE_DIFFERENCES.get(case, ()))
+    if CASES[case][1] == "spm":
+        if "tokenizer.ggml.add_space_prefix" not in theirs:  # llama.cpp's SentencePiece default: True
+            assert _decode(ours, "tokenizer.ggml.add_space_prefix") == [True]
+            mine.pop("tokenizer.ggml.add_space_prefix")
+        types = _decode(ours, "tokenizer.ggml.token_type")
+        special = {i for i, t in enumerate(types) if t == 3} - {1, 2}
+        # Phi-3's writer makes <unk>, <s>, </s> CONTROL with score -1000 (SentencePiece: UNKNOWN/CONTROL, 0)
+        unk = {0, 1, 2} if CASES[case][0] == "phi3" else set()
+        for key in SPM_ADDED:  # differ only at transformers' special tokens: CONTROL, -1000
+            a, b = _decode(ours, key), _decode(ref, key)
+            assert [v for i, v in enumerate(a) if i not in special | unk] == \
+                [v for i, v in enumerate(b) if i not in special | unk]
+            assert all(types[i] == 3 and a[i] == (-1000.0 if key.endswith("scores") else 3) for i in special)
+            mine.pop(key), theirs.pop(key)
+    differ = {k: (mine.get(k, "<missing>"), theirs.get(k, "<missing>")) for k in sorted(keys)
+              if k in mine or k in theirs
+              if mine.get(k, "<missing>") != theirs.get(k, "<missing>")}
+    assert not differ, {k: (_decode(ours, k) if k in mine else None, _decode(ref, k) if k in theirs else None)
+                        for k in differ}
+    rm, rt = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(ref))
+    assert [t.name for t in rm.tensors] == [t.name for t in rt.tensors] or \
+        sorted(t.name for t in rm.tensors) == sorted(t.name for t in rt.tensors)
+    theirs_t = {t.name: t for t in rt.tensors}
+    for t in rm.tensors:
+        o = theirs_t[t.name]
+        assert (t.tensor_type, list(t.shape)) == (o.tensor_type, list(o.shape)), t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(o.data)), t.name
