@@ -193,7 +193,7 @@ def test_run_exports_follows_recipe(root, llama_base):
     assert all(p.exists() for p in done)
     modelfile = (run_dir / "export" / "gguf" / "Modelfile").read_text()
     assert "FROM ./model-q8_0.gguf" in modelfile
-    assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "TEMPLATE" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile  # test_export_ollama.py
     assert run_exports(recipe, run_dir) == done  # a second run replaces its own exports
 
 
