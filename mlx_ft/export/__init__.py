@@ -124,19 +124,26 @@ def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool, model
     from .ollama import write_modelfile
 
     name = Path(str(adapted.config.get("base_model", "model"))).name + "-fused"
+    hf_tok = _hf_tokenizer(adapted)
     if gguf_type in LLAMA_QUANTIZE_TYPES:
         from .quantize import quantize_gguf
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".f16-", dir=out.parent) as tmp:  # the f16 input
             f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name,
-                                   pre=pre)
+                                   hf_tok, pre)
             quantize_gguf(f16, out, gguf_type)
     else:
-        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name, pre=pre)
+        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name, hf_tok, pre)
     if modelfile:  # Ollama's; LM Studio reads the chat template inside the GGUF
-        write_modelfile(out, adapted.base_dir, overwrite=True)
+        write_modelfile(out, adapted.base_dir, overwrite=True, tokenizer=hf_tok)
     return out
+
+
+def _hf_tokenizer(adapted):
+    """The transformers tokenizer inside mlx-lm's wrapper (the one training used): loading it again
+    takes seconds for a 150k vocabulary."""
+    return getattr(adapted.tokenizer, "_tokenizer", None)
 
 
 def _read_base_config(adapter_dir: Path) -> dict:
@@ -216,8 +223,9 @@ def _write_base_gguf(adapted, adapter_gguf: Path, gguf_type: str) -> Path:
     base, _, _ = load_base(ModelConfig(path=str(adapted.base_dir), quantize=QuantizeConfig(**q) if q else None))
     dequantize_model(base)
     out = adapter_gguf.parent / f"base-{gguf_type}.gguf"
-    write_model_gguf(base, adapted.base_dir, out, gguf_type, adapted.base_dir.name)
-    write_modelfile(out, adapted.base_dir, overwrite=True, adapter=adapter_gguf.name)
+    hf_tok = _hf_tokenizer(adapted)
+    write_model_gguf(base, adapted.base_dir, out, gguf_type, adapted.base_dir.name, hf_tok)
+    write_modelfile(out, adapted.base_dir, overwrite=True, adapter=adapter_gguf.name, tokenizer=hf_tok)
     return out
 
 

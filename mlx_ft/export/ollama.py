@@ -187,10 +187,10 @@ def hf_chat_format(base_dir: Path, add_bos: bool, tokenizer=None) -> ChatFormat:
 
 def _gguf_add_bos(gguf_path: Path) -> bool:
     """Whether llama.cpp (and so Ollama) adds BOS for this GGUF; Ollama's default is yes."""
-    import gguf
+    from .gguf_meta import read_meta
 
-    f = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
-    return True if f is None else bool(f.parts[-1][0])
+    f = read_meta(gguf_path, tensors=False).fields.get("tokenizer.ggml.add_bos_token")
+    return True if f is None else bool(f.value())
 
 
 def _quoted(text: str) -> str | None:
