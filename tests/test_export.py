@@ -215,6 +215,21 @@ def test_cli_fuse_and_export_adapter(root, llama_base):
     assert (adapter_dir.parent / "export" / "peft" / "adapter_model.safetensors").is_file()
 
 
+def test_export_adapter_with_base_takes_gguf_pre(root, llama_base):
+    """--gguf-pre names the base GGUF's pre-tokenizer, as for fuse; without a base there is no tokenizer."""
+    from mlx_ft.cli import main
+    from mlx_ft.export.gguf_meta import read_meta
+
+    adapter_dir, _ = make_adapter(root, llama_base, seed=14)
+    with pytest.raises(ExportError, match="--gguf-pre qwen2 applies with --with-base"):
+        export_adapter(adapter_dir, to="gguf-lora", gguf_pre="qwen2")
+    res = CliRunner().invoke(main, ["export-adapter", str(adapter_dir), "--to", "gguf-lora", "--with-base", "f32",
+                                    "--gguf-pre", "qwen2"])
+    assert res.exit_code == 0, res.output
+    base_gguf = adapter_dir.parent / "export" / "gguf-lora" / "base-f32.gguf"
+    assert read_meta(base_gguf, tensors=False).fields["tokenizer.ggml.pre"].value() == "qwen2"
+
+
 def test_k_quant_runs_llama_quantize_from_an_f16_file(root, llama_base, monkeypatch):
     """The plumbing around llama-quantize (not in CI): f16 input, type argument, atomic output."""
     import gguf
