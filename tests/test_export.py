@@ -69,7 +69,7 @@ def test_fused_bf16_close_and_loads_in_transformers(root, llama_base):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
-                                    "mixtral", "qwen3_moe"])
+                                    "mixtral", "qwen3_moe", "olmo2", "granite", "qwen2_moe"])
 def test_fused_safetensors_load_in_transformers_every_family(root, family):
     import torch
     from transformers import AutoModelForCausalLM
@@ -137,7 +137,8 @@ def test_unknown_architecture_refused_with_supported_list(root, llama_base):
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**acfg, "base_model": str(odd)}))
     for call in (lambda: fuse(adapter_dir, to="gguf"), lambda: export_adapter(adapter_dir, to="gguf-lora")):
-        with pytest.raises(ExportError, match="starcoder2.*supported: gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
+        with pytest.raises(ExportError, match="starcoder2.*supported: gemma2, gemma3_text, granite, llama, mistral, "
+                                              "mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"):
             call()
 
 
