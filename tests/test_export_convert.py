@@ -66,8 +66,8 @@ SIZES = {"llama-gpt2tok-t5-noarch": dict(hidden_size=32, num_heads=2, num_kv_hea
 
 def _converter(src, conn) -> None:
     """llama.cpp's converter with its own gguf-py, in a child forked from the test process once torch
-    and transformers are imported there (importing them again costs a subprocess ~5 s); one job per
-    message, converted as soon as it arrives."""
+    and transformers are imported there (importing them again costs a fresh interpreter ~5 s; on
+    macOS it is spawned all the same); one job per message, converted as soon as it arrives."""
     import logging
     import traceback
 
@@ -159,7 +159,8 @@ def converted(tmp_path_factory):
             if worker is None:  # torch and transformers are loaded by now
                 import torch  # noqa: F401  (what the converter imports first)
 
-                ctx = multiprocessing.get_context("fork")
+                # fork shares the imports; on macOS forking after Metal/Objective-C start is unsafe
+                ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
                 conn, child = ctx.Pipe()
                 worker = ctx.Process(target=_converter, args=(llama_cpp_dir(), child), daemon=True)
                 worker.start()
