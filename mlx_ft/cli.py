@@ -14,8 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import MlxFtError
-from .export import GGUF_TYPES
-from .export.quantize import LLAMA_CPP_TYPES, NEEDS_IMATRIX
+from .gguf_types import DIRECT_TYPES, LLAMA_CPP_TYPES, NEEDS_IMATRIX
 
 EXIT_USER_ERROR = 2
 
@@ -244,7 +243,7 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True,
               help="Float type of the safetensors weights.")
 @click.option("--gguf-type", default="f16", show_default=True,
-              help=f"Written directly: {', '.join(GGUF_TYPES)}. By llama.cpp's quantizer (llama-quantize, else "
+              help=f"Written directly: {', '.join(DIRECT_TYPES)}. By llama.cpp's quantizer (llama-quantize, else "
               f"llama-cpp-python): {', '.join(t for t in LLAMA_CPP_TYPES if t not in NEEDS_IMATRIX)}. Refused, "
               f"they need an importance matrix: {', '.join(NEEDS_IMATRIX)}.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Re-quantize the safetensors for MLX (lossy).")
@@ -282,11 +281,13 @@ def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, 
 @click.option("--to", "to", type=click.Choice(["peft", "gguf-lora"]), default="peft", show_default=True,
               help="PEFT directory (transformers + peft) or a llama.cpp LoRA GGUF (llama-cli --lora).")
 @click.option("--out", type=click.Path(path_type=Path), help="Target dir or .gguf file [default: RUN/export/...].")
-@click.option("--with-base", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
+@click.option("--with-base", type=click.Choice(DIRECT_TYPES),
               help="gguf-lora: also write the base GGUF the adapter applies to, and a Modelfile.")
+@click.option("--gguf-pre", help="With --with-base: BPE pre-tokenizer name for llama.cpp, only when its table "
+              "does not know the tokenizer (the error lists the names).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing target.")
 @user_errors
-def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
+def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
     """Write the adapter alone, for PEFT or llama.cpp, without merging it.
 
     \b
@@ -296,7 +297,7 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
     """
     from .export import export_adapter as export
 
-    path = export(run_or_adapter_dir, to=to, out=out, overwrite=overwrite, with_base=with_base)
+    path = export(run_or_adapter_dir, to=to, out=out, overwrite=overwrite, with_base=with_base, gguf_pre=gguf_pre)
     click.echo(f"wrote {path}")
 
 

@@ -14,6 +14,8 @@ MOE_LAYOUTS = {
                 {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}),
     "qwen3_moe": ("mlp.switch_mlp", "mlp.experts", {"gate_proj": "gate_proj", "up_proj": "up_proj",
                                                     "down_proj": "down_proj"}),
+    "qwen2_moe": ("mlp.switch_mlp", "mlp.experts", {"gate_proj": "gate_proj", "up_proj": "up_proj",
+                                                    "down_proj": "down_proj"}),
 }
 
 

@@ -81,6 +81,9 @@ def _head(model, h: mx.array) -> mx.array:
     cap = getattr(model, "final_logit_softcapping", None)
     if cap:
         logits = mx.tanh(logits / cap) * cap
+    scale = getattr(model, "logits_scaling", None)  # Granite divides its logits
+    if scale:
+        logits = logits / scale
     return logits
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .errors import RecipeError
+from .gguf_types import ALL_TYPES as GGUF_TYPE_NAMES
+from .gguf_types import NEEDS_IMATRIX, needs_imatrix_message
 
 # ----------------------------------------------------------------------------------------------
 # The schema
@@ -170,8 +172,13 @@ class ExportConfig:
     to: list[Literal["safetensors", "gguf", "peft", "gguf-lora"]] = field(default_factory=list)
     """Formats to export when the run finishes: fused `safetensors`, fused `gguf`, the adapter as
     `peft` or as a llama.cpp `gguf-lora`."""
-    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16"
-    """Tensor type of the fused GGUF file."""
+    gguf_type: Literal[GGUF_TYPE_NAMES] = "f16"
+    """Type of the fused GGUF file: any type `mlxft fuse --gguf-type` makes. f32, f16, bf16, q8_0 and
+    q4_0 are written directly; the K-quants (q4_k_m, q6_k, ...) and the other llama.cpp types by
+    llama.cpp's quantizer (llama-quantize on PATH, else llama-cpp-python: `mlx-ft[gguf]`)."""
+    gguf_pre: Optional[str] = None
+    """llama.cpp's pre-tokenizer name (as `--gguf-pre`), only for a BPE tokenizer its converter's table
+    does not know; the export's error lists the names."""
     dtype: Literal["bf16", "f16", "f32"] = "bf16"
     """Float type of the fused safetensors model."""
 
@@ -522,6 +529,8 @@ def _check(r: Recipe) -> list[str]:
     if t.optimizer != "adamw" and t.weight_decay > 0:
         p.append(f"training.weight_decay: only applies to optimizer 'adamw', but optimizer is {t.optimizer!r}")
     need(bool(r.output.dir.strip()), "output.dir: must not be empty")
+    if r.export.gguf_type in NEEDS_IMATRIX:  # refused now, not after training
+        p.append(needs_imatrix_message("export.gguf_type:", r.export.gguf_type))
     return p
 
 

@@ -73,6 +73,10 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
 
     t = recipe.training
     echo = print if progress else (lambda _: None)
+    if recipe.export.to:
+        from .export import check_exports
+
+        check_exports(recipe)  # a missing GGUF quantizer is found before training, not after
     p = _prepare(recipe, (t.resume == "auto") if resume is None else resume, overwrite, force, echo)
     run, primary = p.run, p.rank == 0
     if primary:

@@ -66,6 +66,20 @@ FAMILIES: dict[str, dict] = {
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
              "partial_rotary_factor": 1.0, "original_max_position_embeddings": 4096, "sliding_window": None,
              "hidden_act": "silu"},
+    # OLMo 2: no pre-norms, RMSNorm after attention and after the MLP, q/k norms over all heads.
+    "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "rope_theta": 500000.0,
+              "attention_bias": False},
+    # Granite 3.x: llama with scaled embeddings, attention, residuals and logits (its own multipliers).
+    # The real attention_multiplier is 1/head_dim; 1.0 keeps a tiny model's attention sharp enough that a
+    # wrong q/k layout shows in its logits (NMSE 7e-4 instead of 4e-6 at 1/16).
+    "granite": {"architectures": ["GraniteForCausalLM"], "model_type": "granite", "rope_theta": 10000.0,
+                "attention_multiplier": 1.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                "logits_scaling": 8.0, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True},
+    # Qwen1.5-MoE / Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate.
+    "qwen2_moe": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "rope_theta": 1000000.0,
+                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 96, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "norm_topk_prob": False},
 }
 
 

@@ -69,7 +69,7 @@ def test_fused_bf16_close_and_loads_in_transformers(root, llama_base):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
-                                    "mixtral", "qwen3_moe"])
+                                    "mixtral", "qwen3_moe", "olmo2", "granite", "qwen2_moe"])
 def test_fused_safetensors_load_in_transformers_every_family(root, family):
     import torch
     from transformers import AutoModelForCausalLM
@@ -137,7 +137,8 @@ def test_unknown_architecture_refused_with_supported_list(root, llama_base):
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**acfg, "base_model": str(odd)}))
     for call in (lambda: fuse(adapter_dir, to="gguf"), lambda: export_adapter(adapter_dir, to="gguf-lora")):
-        with pytest.raises(ExportError, match="starcoder2.*supported: gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
+        with pytest.raises(ExportError, match="starcoder2.*supported: gemma2, gemma3_text, granite, llama, mistral, "
+                                              "mixtral, olmo2, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe"):
             call()
 
 
@@ -193,7 +194,7 @@ def test_run_exports_follows_recipe(root, llama_base):
     assert all(p.exists() for p in done)
     modelfile = (run_dir / "export" / "gguf" / "Modelfile").read_text()
     assert "FROM ./model-q8_0.gguf" in modelfile
-    assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "TEMPLATE" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile  # test_export_ollama.py
     assert run_exports(recipe, run_dir) == done  # a second run replaces its own exports
 
 
@@ -213,6 +214,21 @@ def test_cli_fuse_and_export_adapter(root, llama_base):
     res = runner.invoke(main, ["export-adapter", str(adapter_dir.parent), "--to", "peft"])
     assert res.exit_code == 0, res.output
     assert (adapter_dir.parent / "export" / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_export_adapter_with_base_takes_gguf_pre(root, llama_base):
+    """--gguf-pre names the base GGUF's pre-tokenizer, as for fuse; without a base there is no tokenizer."""
+    from mlx_ft.cli import main
+    from mlx_ft.export.gguf_meta import read_meta
+
+    adapter_dir, _ = make_adapter(root, llama_base, seed=14)
+    with pytest.raises(ExportError, match="--gguf-pre qwen2 applies with --with-base"):
+        export_adapter(adapter_dir, to="gguf-lora", gguf_pre="qwen2")
+    res = CliRunner().invoke(main, ["export-adapter", str(adapter_dir), "--to", "gguf-lora", "--with-base", "f32",
+                                    "--gguf-pre", "qwen2"])
+    assert res.exit_code == 0, res.output
+    base_gguf = adapter_dir.parent / "export" / "gguf-lora" / "base-f32.gguf"
+    assert read_meta(base_gguf, tensors=False).fields["tokenizer.ggml.pre"].value() == "qwen2"
 
 
 def test_k_quant_runs_llama_quantize_from_an_f16_file(root, llama_base, monkeypatch):

@@ -19,6 +19,7 @@ F32 = 0  # GGML_TYPE_F32 for the KV cache
 # (family, tokenizer): every family once, both tokenizer kinds among them.
 CASES = [("llama", "bpe"), ("llama", "spm"), ("mistral", "spm"), ("qwen2", "bpe"), ("qwen3", "bpe"),
          ("gemma2", "spm"), ("gemma3", "bpe"), ("phi3", "spm"), ("mixtral", "spm"), ("qwen3_moe", "bpe")]
+# olmo2, granite and qwen2_moe: test_newer_families_train_and_their_fused_gguf_runs_in_llama_cpp
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,47 @@ def test_moe_expert_adapters_refused_for_gguf_lora(root):
     adapter_dir, _ = make_adapter(root, base, seed=8)
     with pytest.raises(ExportError, match="switch_mlp.gate_proj \\(LoRASwitchLinear\\).*Fuse instead"):
         export_adapter(adapter_dir, to="gguf-lora")
+
+
+@pytest.mark.parametrize("family", ["olmo2", "granite", "qwen2_moe"])
+def test_newer_families_train_and_their_fused_gguf_runs_in_llama_cpp(root, family):
+    """OLMo 2, Granite and Qwen2-MoE (shared expert) train a few steps with mlx_ft's compiled step and
+    chunked loss (Granite divides its logits), and the trained adapter, fused, gives MLX's logits in
+    llama.cpp. (The loop is driven here rather than through `mlxft run`, whose plan-first replay of a
+    new architecture costs ~10 s when the plan cache is cold.)"""
+    import functools
+
+    import mlx.core as mx
+
+    from conftest import chat_corpus
+    from mlx_ft import losses
+    from mlx_ft.models import apply_adapters, load_base, save_adapter
+    from mlx_ft.recipe import AdapterConfig, ModelConfig, TrainingConfig
+    from mlx_ft.step import build_optimizer, compile_step
+
+    base = build_base(root, family, "bpe")
+    mcfg = ModelConfig(path=str(base))
+    model, tok, _ = load_base(mcfg)
+    cfg = apply_adapters(model, AdapterConfig(rank=4, alpha=8.0))
+    rows = [tok.encode(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)[:48]
+            for r in chat_corpus(4)]
+    tokens = mx.array([r + [0] * (48 - len(r)) for r in rows])  # (4, 48)
+    mask = mx.array([[True] * len(r) + [False] * (48 - len(r)) for r in rows])  # (4, 48)
+    loss_fn = functools.partial(losses.loss_sum, chunk_size=16,
+                                exact_head=losses.check_architecture(model, packing=False))
+    optimizer = build_optimizer(TrainingConfig(learning_rate=1e-2, lr_schedule="constant"), 6)
+    micro_step, update, state = compile_step(model, optimizer, loss_fn, max_grad_norm=1.0)
+    seen = []
+    for _ in range(6):
+        loss, n, grads = micro_step(tokens, mask)
+        update(grads, n)
+        mx.eval(state, loss)
+        seen.append((loss / n).item())
+    assert seen[-1] < seen[0] - 0.1, seen
+    model.eval()
+    adapter_dir = save_adapter(model, root / f"trained-{family}" / "adapters", cfg, str(base), mcfg)
+    ids = prompt_ids(tok)
+    _, got = run_llama_cpp(fuse(adapter_dir, to="gguf", gguf_type="f32"), ids)
+    err = nmse(got, mlx_logits(model, ids))
+    print(f"{family} trained {seen[0]:.2f} -> {seen[-1]:.2f}, fused f32 NMSE {err:.2e}")
+    assert err < 1e-6

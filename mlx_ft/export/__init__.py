@@ -16,17 +16,17 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ExportError
+from ..gguf_types import ALIASES, DIRECT_TYPES, LLAMA_CPP_TYPES
 from ._io import check_target
-from .quantize import ALIASES, LLAMA_CPP_TYPES
 
 FUSE_FORMATS = ("safetensors", "gguf", "lmstudio")
 ADAPTER_FORMATS = ("peft", "gguf-lora")
 DTYPES = ("bf16", "f16", "f32")
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # written by gguf-py directly
+GGUF_TYPES = DIRECT_TYPES  # written by gguf-py directly
 # Every other llama.cpp file type is made by llama.cpp's quantizer from an f16 file (quantize.py).
 LLAMA_QUANTIZE_TYPES = tuple(LLAMA_CPP_TYPES) + tuple(ALIASES)
 
-__all__ = ["fuse", "export_adapter", "run_exports", "FUSE_FORMATS", "ADAPTER_FORMATS", "GGUF_TYPES",
+__all__ = ["fuse", "export_adapter", "run_exports", "check_exports", "FUSE_FORMATS", "ADAPTER_FORMATS", "GGUF_TYPES",
            "LLAMA_QUANTIZE_TYPES", "DTYPES"]
 
 
@@ -124,19 +124,26 @@ def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool, model
     from .ollama import write_modelfile
 
     name = Path(str(adapted.config.get("base_model", "model"))).name + "-fused"
+    hf_tok = _hf_tokenizer(adapted)
     if gguf_type in LLAMA_QUANTIZE_TYPES:
         from .quantize import quantize_gguf
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".f16-", dir=out.parent) as tmp:  # the f16 input
             f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name,
-                                   pre=pre)
+                                   hf_tok, pre)
             quantize_gguf(f16, out, gguf_type)
     else:
-        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name, pre=pre)
+        write_model_gguf(adapted.model, adapted.base_dir, out, gguf_type, name, hf_tok, pre)
     if modelfile:  # Ollama's; LM Studio reads the chat template inside the GGUF
-        write_modelfile(out, adapted.base_dir, overwrite=True)
+        write_modelfile(out, adapted.base_dir, overwrite=True, tokenizer=hf_tok)
     return out
+
+
+def _hf_tokenizer(adapted):
+    """The transformers tokenizer inside mlx-lm's wrapper (the one training used): loading it again
+    takes seconds for a 150k vocabulary."""
+    return getattr(adapted.tokenizer, "_tokenizer", None)
 
 
 def _read_base_config(adapter_dir: Path) -> dict:
@@ -151,7 +158,8 @@ def _read_base_config(adapter_dir: Path) -> dict:
     return json.loads((resolve_model_path(base) / "config.json").read_text())
 
 
-def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, with_base: str | None = None) -> Path:
+def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, with_base: str | None = None,
+                   gguf_pre: str | None = None) -> Path:
     """Write the adapter of a run (or adapter directory) without fusing it.
 
     Args:
@@ -161,6 +169,8 @@ def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, wi
         with_base: for gguf-lora, also write the base as `base-<type>.gguf` (f32, f16, bf16, q8_0,
             q4_0) next to the adapter, dequantized exactly as the adapter saw it in training (QLoRA),
             and a Modelfile with FROM + ADAPTER.
+        gguf_pre: for with_base, llama.cpp's pre-tokenizer name for a BPE tokenizer its converter's
+            table does not know (as for `fuse`).
     Returns:
         the written directory or file.
     Raises:
@@ -173,6 +183,9 @@ def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, wi
     if to not in ADAPTER_FORMATS:
         raise ExportError(f"--to {to}: export-adapter writes one of {', '.join(ADAPTER_FORMATS)}; "
                           "for a merged model use `mlxft fuse`")
+    if gguf_pre and not with_base:
+        raise ExportError(f"--gguf-pre {gguf_pre} applies with --with-base (the base GGUF carries the tokenizer; "
+                          "the adapter GGUF has none)")
     adapter_dir = find_adapter_dir(path)
     out = Path(out) if out is not None else _default_out(adapter_dir, "peft" if to == "peft" else "gguf-lora/adapter.gguf")
     if to == "gguf-lora" and out.suffix != ".gguf":
@@ -199,11 +212,11 @@ def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, wi
         raise ExportError(f"--with-base {with_base}: expected one of {', '.join(GGUF_TYPES)}")
     write_lora_gguf(adapted, out)
     if with_base:
-        _write_base_gguf(adapted, out, with_base)
+        _write_base_gguf(adapted, out, with_base, gguf_pre)
     return out
 
 
-def _write_base_gguf(adapted, adapter_gguf: Path, gguf_type: str) -> Path:
+def _write_base_gguf(adapted, adapter_gguf: Path, gguf_type: str, pre: str | None = None) -> Path:
     """The base the adapter was trained on (dequantized if it was quantized), as a GGUF."""
     from mlx_lm.utils import dequantize_model
 
@@ -216,9 +229,18 @@ def _write_base_gguf(adapted, adapter_gguf: Path, gguf_type: str) -> Path:
     base, _, _ = load_base(ModelConfig(path=str(adapted.base_dir), quantize=QuantizeConfig(**q) if q else None))
     dequantize_model(base)
     out = adapter_gguf.parent / f"base-{gguf_type}.gguf"
-    write_model_gguf(base, adapted.base_dir, out, gguf_type, adapted.base_dir.name)
-    write_modelfile(out, adapted.base_dir, overwrite=True, adapter=adapter_gguf.name)
+    hf_tok = _hf_tokenizer(adapted)
+    write_model_gguf(base, adapted.base_dir, out, gguf_type, adapted.base_dir.name, hf_tok, pre)
+    write_modelfile(out, adapted.base_dir, overwrite=True, adapter=adapter_gguf.name, tokenizer=hf_tok)
     return out
+
+
+def check_exports(recipe) -> None:
+    """Before training: fail now if the recipe's GGUF type needs a quantizer this machine lacks."""
+    if "gguf" in recipe.export.to and recipe.export.gguf_type in LLAMA_QUANTIZE_TYPES:
+        from .quantize import check_type
+
+        check_type(recipe.export.gguf_type)
 
 
 def run_exports(recipe, run_dir) -> list[Path]:
@@ -231,7 +253,7 @@ def run_exports(recipe, run_dir) -> list[Path]:
             done.append(fuse(run_dir, "safetensors", run_dir / "export" / "safetensors", dtype=cfg.dtype, overwrite=True))
         elif fmt == "gguf":
             done.append(fuse(run_dir, "gguf", run_dir / "export" / "gguf" / f"model-{cfg.gguf_type}.gguf",
-                             gguf_type=cfg.gguf_type, overwrite=True))
+                             gguf_type=cfg.gguf_type, overwrite=True, gguf_pre=cfg.gguf_pre))
         elif fmt == "peft":
             done.append(export_adapter(run_dir, "peft", run_dir / "export" / "peft", overwrite=True))
         elif fmt == "gguf-lora":

@@ -6,6 +6,9 @@ llama.cpp's convert_hf_to_gguf.py applies (see docs/export.md for the sources):
   Llama 3.x `rope_type = llama3` becomes a `rope_freqs` tensor;
 - gemma2/gemma3: RMSNorm weights are stored as w but used as (1 + w): llama.cpp wants 1 + w;
 - phi3: fused qkv_proj / gate_up_proj map straight to attn_qkv / ffn_up;
+- granite: permuted as llama; its *_multiplier settings become llama.cpp's *_scale keys;
+- olmo2: post-attention / post-MLP norms and whole-width q/k norms map by name;
+- qwen2_moe: experts as for mixtral, plus the shared expert and its gate (ffn_*_shexp);
 - tied embeddings: no output.weight, llama.cpp reuses token_embd.
 """
 
@@ -31,6 +34,7 @@ class Family:
     norm_shift: float = 0.0
     hparams: Callable[[object, dict], None] | None = None  # family-specific keys: (writer, config)
     key_length: bool = False  # write attention.key_length/value_length from head_dim
+    config_head_dim: bool = True  # the converter writes a config's head_dim (Phi-3's and Granite's do not)
     notes: str = ""
 
 
@@ -79,6 +83,23 @@ def _mixtral_hparams(w, c):
     _moe_hparams(w, c)
 
 
+def _granite_hparams(w, c):
+    # Granite has no head_dim (mlx-lm and the converter ignore one): hidden / heads.
+    w.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"])
+    w.add_vocab_size(c["vocab_size"])
+    # HF's *_multiplier settings under llama.cpp's *_scale names, as the converter writes them
+    for key, add in (("attention_multiplier", w.add_attention_scale), ("embedding_multiplier", w.add_embedding_scale),
+                     ("residual_multiplier", w.add_residual_scale), ("logits_scaling", w.add_logit_scale)):
+        if c.get(key):
+            add(c[key])
+
+
+def _qwen2moe_hparams(w, c):
+    _moe_hparams(w, c)
+    if c.get("shared_expert_intermediate_size") is not None:
+        w.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
+
+
 # HF model_type -> how to write it. Mistral is written as arch "llama", as llama.cpp's converter does.
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", permute_qk=True, hparams=_llama_hparams),
@@ -87,10 +108,14 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("qwen3", key_length=True),
     "gemma2": Family("gemma2", norm_shift=1.0, hparams=_gemma2_hparams, key_length=True),
     "gemma3_text": Family("gemma3", norm_shift=1.0, hparams=_gemma3_hparams, key_length=True),
-    "phi3": Family("phi3", hparams=_phi3_hparams),
+    "phi3": Family("phi3", hparams=_phi3_hparams, config_head_dim=False),
     "mixtral": Family("llama", permute_qk=True, hparams=_mixtral_hparams),
     "qwen3_moe": Family("qwen3moe", hparams=_moe_hparams, key_length=True),
+    "olmo2": Family("olmo2"),
+    "granite": Family("granite", permute_qk=True, hparams=_granite_hparams, config_head_dim=False),
+    "qwen2_moe": Family("qwen2moe", hparams=_qwen2moe_hparams),
 }
+MOE_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # mlx-lm's stacked experts, (n_experts, out, in) -> llama.cpp's *_exps tensors (ne: in, out, n_experts)
 SWITCH_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
@@ -114,14 +139,21 @@ def check_supported(config: dict) -> Family:
                           "export --to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
     if mt in ("gemma2", "gemma3_text"):
         _check_gemma_query_scale(text_config(config), mt)
-    if mt not in ("mixtral", "qwen3_moe") and (config.get("num_local_experts") or config.get("num_experts")):
+    if mt not in MOE_TYPES and (config.get("num_local_experts") or config.get("num_experts")):
         raise ExportError(f"mixture-of-experts {mt} models are not supported for GGUF export yet "
-                          "(mixtral and qwen3_moe are); export --to safetensors and convert with "
+                          f"({', '.join(MOE_TYPES)} are); export --to safetensors and convert with "
                           "llama.cpp's convert_hf_to_gguf.py")
-    if mt == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1
-                              or not config.get("norm_topk_prob", True)):
-        raise ExportError("qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step) or "
-                          "norm_topk_prob = false is not supported for GGUF export")
+    if mt in ("qwen3_moe", "qwen2_moe") and (config.get("mlp_only_layers")
+                                             or config.get("decoder_sparse_step", 1) != 1):
+        raise ExportError(f"{mt} with dense layers (mlp_only_layers / decoder_sparse_step) is not supported "
+                          "for GGUF export")
+    # llama.cpp renormalises the chosen experts' weights for qwen3moe and never for qwen2moe; mlx-lm
+    # likewise, whatever the config says, so a config asking otherwise is not what either computes.
+    if mt == "qwen3_moe" and not config.get("norm_topk_prob", True):
+        raise ExportError("qwen3_moe with norm_topk_prob = false is not supported for GGUF export")
+    if mt == "qwen2_moe" and config.get("norm_topk_prob", False):
+        raise ExportError("qwen2_moe with norm_topk_prob = true is not supported for GGUF export "
+                          "(llama.cpp and mlx-lm do not renormalise its experts' weights)")
     return FAMILIES[mt]
 
 
@@ -188,7 +220,7 @@ def _add_common_hparams(w, c: dict, fam: Family) -> None:
     if c.get("rope_theta") is not None:
         w.add_rope_freq_base(c["rope_theta"])
     # The converter writes head_dim whenever the config has it, except in Phi-3's own writer.
-    if fam.key_length or (c.get("head_dim") and fam.arch != "phi3"):
+    if fam.key_length or (c.get("head_dim") and fam.config_head_dim):
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -247,7 +279,8 @@ def _encode(name: str, arr: np.ndarray, gguf_type: str):
     """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors and norms stay F32 as llama.cpp wants."""
     import gguf
 
-    if arr.ndim <= 1 or name.endswith("_norm.weight") or gguf_type == "f32":
+    # Routers stay F32 too, as the converter and llama-quantize keep them (ffn_gate_inp, _shexp).
+    if arr.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp" in name or gguf_type == "f32":
         return arr.astype(np.float32), None
     if gguf_type == "f16":
         return arr.astype(np.float16), None
