@@ -64,26 +64,26 @@ def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_
     run = tmp_path / "run"
     ckpt_files = {"adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json"}
     assert files_under(run) == (
-        {"recipe.resolved.toml", "metrics.jsonl", "summary.json", "loss.svg"}
+        {"recipe.resolved.toml", "metrics.jsonl", "summary.json", "loss.svg", ".mlx_ft", ".mlx_ft.lock"}
         | {f"adapters/{f}" for f in ADAPTER_FILES} | {f"adapters-best/{f}" for f in ADAPTER_FILES}
         | {f"checkpoints/step-{s:06d}/{f}" for s in (4, 8) for f in ckpt_files}
     )
     assert "trainable parameters: 8,192 of" in result.output
-    assert "done: 12 steps, final loss" in result.output
+    assert "done: 12 steps; train loss " in result.output
     rows = train_rows(run)
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
-    assert [r["step"] for r in evals] == [6, 12]
+    assert [r["step"] for r in evals] == [0, 6, 12]  # step 0: training.eval_at_start
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("final_loss", "best_val_loss", "best_step", "trained_tokens", "wall_time_sec",
+    for key in ("final_step_loss", "final_window_loss", "initial_val_loss", "best_val_loss", "best_step", "trained_tokens", "wall_time_sec",
                 "tokens_per_sec", "peak_memory_bytes", "trainable_parameters", "data"):
         assert summary[key] is not None, key
     assert summary["steps"] == 12 and summary["trainable_parameters"] == 8192
     assert summary["peak_memory_bytes"] > 0
     svg = ET.parse(run / "loss.svg").getroot()  # one point per train report, one per evaluation
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
-    assert [len(line.get("points").split()) for line in lines] == [6, 2]
+    assert [len(line.get("points").split()) for line in lines] == [6, 3]
     state = json.loads((run / "checkpoints/step-000008/state.json").read_text())
     assert state["loop"]["step"] == 8 and state["recipe"]["adapter.rank"] == 4
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._io import atomic_file, check_target
+from ._io import MODELFILE_HEADER, atomic_file, check_target
 
 # marker in the Jinja template -> (Ollama Go template, stop strings)
 TEMPLATES = [
@@ -41,7 +41,7 @@ def chat_template(base_dir: Path) -> str | None:
 
 def modelfile_text(gguf_name: str, base_dir: Path, adapter: str | None = None) -> str:
     tmpl = chat_template(base_dir) or ""
-    lines = [f"# Ollama Modelfile written by mlx_ft. Create the model with:",
+    lines = [f"{MODELFILE_HEADER}. Create the model with:",
              f"#   ollama create my-model -f Modelfile", f"FROM ./{gguf_name}"]
     if adapter:
         lines.append(f"ADAPTER ./{adapter}")
@@ -66,7 +66,7 @@ def _eos_token(base_dir: Path) -> str | None:
 
 def write_modelfile(gguf_path: Path, base_dir: Path, overwrite: bool = False, adapter: str | None = None) -> Path:
     out = gguf_path.parent / "Modelfile"
-    check_target(out, overwrite)
+    check_target(out, overwrite, "modelfile")
     with atomic_file(out) as tmp:
         tmp.write_text(modelfile_text(gguf_path.name, base_dir, adapter))
     return out
