@@ -66,15 +66,16 @@ def is_write_failure(e: BaseException) -> bool:
 def storage_error(e: BaseException, out: Path, kept: str) -> StorageError:
     """One message for a failed write: the path, why, what was kept, and what to do."""
     reason = _REASONS.get(getattr(e, "errno", None) or 0)
-    if reason is None:
-        reason = f"{e}".strip() or type(e).__name__
+    if reason is None:  # MLX says only that the write failed
+        reason = "the write failed"
         try:
             free = shutil.disk_usage(_existing_ancestor(out)).free
-            reason += f"; {free / 2**20:.0f} MiB free there"
+            reason += f" (the disk may be full: {free / 2**20:.0f} MiB free there now)"
         except OSError:
             pass
-    return StorageError(f"cannot write {out}: {reason}. {kept} Free space or fix the permissions, "
-                        "or choose another place, then run the command again")
+    kept = f"{kept} " if kept else ""
+    return StorageError(f"cannot write {out}: {reason}. {kept}Free space or fix the permissions (or choose "
+                        "another place), then run the command again", path=out, reason=reason)
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -121,14 +121,13 @@ def list_complete(run_dir: Path, verify: bool = True) -> dict[int, Path]:
 
 
 def remove_unfinished(run_dir: Path) -> list[Path]:
-    """Delete checkpoint directories without a state.json: only an interrupted delete (of an older
-    mlx_ft, which deleted in place) leaves one, as state.json is written inside the temp directory
-    before the rename. Returns what was removed."""
+    """Delete checkpoint directories without a state.json (only an interrupted delete of an older
+    mlx_ft, which deleted in place, leaves one: state.json is written inside the temp directory
+    before the rename) and temp leftovers of killed writes. Returns what was removed."""
     _, bad = scan(run_dir, verify=False)
     for d in bad:
         _remove(d)
-    clean_leftovers(run_dir / "checkpoints")
-    return list(bad)
+    return [*bad, *clean_leftovers(run_dir / "checkpoints")]
 
 
 _LOOP_KEYS = {f.name for f in fields(LoopState)}

@@ -30,7 +30,7 @@ def user_errors(fn):
 
         from .atomic import is_write_failure, storage_error
 
-        warnings.showwarning = _show_warning
+        shown, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             return fn(*args, **kwargs)
         except MlxFtError as e:
@@ -41,6 +41,8 @@ def user_errors(fn):
                 raise
             click.echo(f"error: {storage_error(e, Path(e.filename or '.'), '')}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        finally:
+            warnings.showwarning = shown
 
     return wrapper
 

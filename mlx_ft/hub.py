@@ -62,10 +62,10 @@ def resolve_model_path(
 
 
 def check_local_model(path: str) -> None:
-    """Raise resolve_model_path's ModelError for a local `model.path` that is missing or holds no
-    config.json, without loading anything (hub ids and builtin models are left to loading)."""
+    """Raise the ModelError of a local `model.path` that is missing or holds no usable config.json,
+    without loading anything (hub ids and builtin models are left to loading)."""
     if not path.startswith("builtin:") and (looks_local(path) or Path(path).expanduser().exists()):
-        resolve_model_path(path)
+        read_config(resolve_model_path(path))
 
 
 def read_config(model_dir: Path) -> dict:

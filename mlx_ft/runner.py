@@ -171,11 +171,14 @@ def _finished(p: "_Prepared", echo) -> TrainResult:
 
 def _stopped(e: StorageError, p: "_Prepared") -> StorageError:
     """A write failed mid-run: say what the run directory still holds and how to continue."""
+    if e.path is None:  # not a failed write (a directory in use, not mlx_ft's): said as it is
+        return e
     good, _ = ckpt.scan(p.run, verify=False) if p.run.is_dir() else ({}, {})
-    kept = (f"The run stopped; its newest complete checkpoint is {good[max(good)]}: after freeing space, "
-            "continue with `mlxft run RECIPE --resume`." if good else
-            "The run stopped before its first checkpoint (training.save_every sets how often one is written).")
-    return StorageError(f"{e} {kept}")
+    kept = (f"its newest complete checkpoint is {good[max(good)]}" if good else
+            "it had written no checkpoint yet (training.save_every sets how often)")
+    return StorageError(f"cannot write {e.path}: {e.reason}. The run stopped at step {p.loop.step}; {kept}. Free "
+                        "space or fix the permissions, then continue with `mlxft run RECIPE --resume`",
+                        path=e.path, reason=e.reason)
 
 
 @dataclass
@@ -296,6 +299,8 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool, locked: bool = False
     if run.exists() and not run.is_dir():
         raise StorageError(f"output.dir: {run} is a file, not a directory; set output.dir to a directory")
     check_writable(run, "output.dir", inside=True)
+    if not locked and run.is_dir():
+        check_not_in_use(run)
     if not _entries(run):
         return
     kind = kind_of(run)
@@ -304,8 +309,6 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool, locked: bool = False
         raise StorageError(f"output.dir: {run} holds {what}; mlx_ft trains only into a new or empty directory "
                            "or one of its own runs, and never deletes what it did not create, --overwrite "
                            "included. Set another output.dir")
-    if not locked:
-        check_not_in_use(run)
     if resume or overwrite:
         return
     state = "a finished run" if (run / "summary.json").exists() else "an unfinished run"
