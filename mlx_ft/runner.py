@@ -316,13 +316,6 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool, locked: bool = False
                           "--overwrite to replace it, or set another output.dir")
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, primary: bool = True) -> Path:
-    """Check the output dir is free (or resumable); nothing is written or deleted."""
-    if primary:
-        check_run_dir(recipe.run_dir, resume and not overwrite, overwrite)
-    return recipe.run_dir
-
-
 def _claim(run: Path, resume: bool, overwrite: bool, echo) -> RunLock:
     """Take the run directory: create it, lock it, check it again (another run may have written there
     while this one loaded), clear it for --overwrite and remove leftovers of killed runs."""
@@ -362,7 +355,7 @@ def _compare(saved: dict, meta: dict, where: Path, warn: bool = True) -> None:
     if saved.get("data_fingerprint") not in (None, meta["data_fingerprint"]):
         refused.append("data: the training samples differ from the run's (files changed?)")
     if saved.get("world_size", 1) != meta["world_size"]:
-        refused.append(f"world size: the run was written by {saved.get('world_size', 1)} process(es), "
+        refused.append(f"world size: the checkpoint was written by {saved.get('world_size', 1)} process(es), "
                        f"this run has {meta['world_size']}; resume with the same number (mlx.launch -n N)")
     if refused:
         raise CheckpointError(f"{where}: cannot resume with this recipe:\n  " + "\n  ".join(refused)

@@ -205,10 +205,14 @@ def test_unusable_checkpoints(tmp_path, tiny_model_dir, data):
     state = run / "checkpoints/step-000004/state.json"
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "loop"}))
     (run / "metrics.jsonl").open("a").write('{"step": 7, "loss": 2.3, "last_lo')  # a torn last row
+    half = run / "checkpoints/step-000001"  # what an older mlx_ft's interrupted prune left
+    half.mkdir()
+    (half / "adapters.safetensors").write_bytes(b"x")
     code, out = cli("run", path, "--resume")
     assert code == 0, out
+    assert "removed 1 leftover(s) of an interrupted run" in out and not half.exists()
     assert f"warning: skipping checkpoint {state.parent}: state.json lacks its `loop` or `files` table" in out
-    assert "warnings.warn" not in out and "resuming from" in out and "step-000002" in out
+    assert "MlxFtWarning" not in out and "resuming from" in out and "step-000002" in out  # one line, no source
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
     (run / "summary.json").unlink()
