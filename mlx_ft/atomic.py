@@ -135,7 +135,9 @@ def _create_parent(out: Path) -> None:
 
 
 def _kept(out: Path) -> str:
-    return f"The previous {out.name} is unchanged." if out.exists() else "Nothing was written under that name."
+    if out.exists():
+        return f"The previous {out.name} is unchanged."
+    return "Nothing was written under that name."
 
 
 @contextlib.contextmanager

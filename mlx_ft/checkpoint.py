@@ -138,7 +138,8 @@ def _problem(d: Path) -> str | None:
         meta = json.loads((d / STATE).read_text())
     except (OSError, ValueError) as e:
         return f"unreadable {STATE} ({e})"
-    if not isinstance(meta, dict) or not isinstance(meta.get("loop"), dict) or not isinstance(meta.get("files"), dict):
+    if not (isinstance(meta, dict) and isinstance(meta.get("loop"), dict)
+            and isinstance(meta.get("files"), dict)):
         return f"{STATE} lacks its `loop` or `files` table (not written by this mlx_ft, or edited)"
     missing = sorted({"step", "epoch", "batch_index"} - set(meta["loop"]))
     unknown = sorted(set(meta["loop"]) - _LOOP_KEYS)

@@ -124,8 +124,9 @@ def validate(recipes, overrides):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set training.learning_rate=2e-4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output.dir.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in output.dir: what mlx_ft wrote there is "
-              "removed once the recipe, model and data are checked (a directory mlx_ft did not make is refused).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run in output.dir: what mlx_ft wrote there is removed once the "
+              "recipe, model and data are checked (a directory mlx_ft did not make is refused).")
 @click.option("--force", is_flag=True, help="Start even when the memory plan says the run will not fit this machine.")
 @user_errors
 def run(recipe, overrides, resume, overwrite, force):
@@ -278,8 +279,9 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
               help="--to lmstudio: LM Studio's models directory [env LMSTUDIO_MODELS_DIR; default ~/.lmstudio/models].")
 @click.option("--gguf-pre", help="BPE pre-tokenizer name for llama.cpp, only when its table does not know "
               "the tokenizer (the error lists the names).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing target, if it is an earlier mlx_ft export of "
-              "the same kind (never other files).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing target, if it is an earlier mlx_ft export of the same kind "
+              "(never other files).")
 @user_errors
 def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, gguf_pre, overwrite):
     """Merge the adapter into its (dequantized) base and write the model.
@@ -311,8 +313,9 @@ def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, 
 @click.option("--out", type=click.Path(path_type=Path), help="Target dir or .gguf file [default: RUN/export/...].")
 @click.option("--with-base", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
               help="gguf-lora: also write the base GGUF the adapter applies to, and a Modelfile.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing target, if it is an earlier mlx_ft export of "
-              "the same kind (never other files).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing target, if it is an earlier mlx_ft export of the same kind "
+              "(never other files).")
 @user_errors
 def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
     """Write the adapter alone, for PEFT or llama.cpp, without merging it.

@@ -50,8 +50,9 @@ def load_base(cfg: ModelConfig, texts: Callable[[], list[str]] | None = None):
     except ValueError as e:  # mlx-lm: "Model type X not supported.", weights that do not fit the config
         raise ModelError(f"model.path: mlx-lm cannot load {model_dir}: {e}") from None
     except FileNotFoundError as e:  # mlx-lm: "No safetensors found in DIR"
-        raise ModelError(f"model.path: {model_dir} has no model*.safetensors weights ({e}); point model.path at "
-                         "a Hugging Face model directory with its weights, or download them again") from None
+        raise ModelError(f"model.path: {model_dir} has no model*.safetensors weights ({e}); point "
+                         "model.path at a Hugging Face model directory with its weights, or download them "
+                         "again") from None
     except RuntimeError as e:  # MLX: "[load_safetensors] ... Perhaps an incomplete download or corrupt file?"
         if "safetensors" not in str(e):
             raise

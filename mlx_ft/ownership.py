@@ -79,7 +79,8 @@ def _describe(info: dict) -> str:
         return "another process (it has not recorded itself yet)"
     host = info.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if info.get("started") else "?"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if info.get("started") \
+        else "?"
     cmd = f", `{info['command']}`" if info.get("command") else ""
     return f"process {info['pid']}{where} (started {started}{cmd})"
 
@@ -114,8 +115,8 @@ class RunLock:
         except OSError as e:  # a file system without locks (some network mounts): run unlocked
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            warnings.warn(f"{self.path}: this file system cannot lock files ({e.strerror}); make sure no other "
-                          "run uses this output.dir", MlxFtWarning, stacklevel=2)
+            warnings.warn(f"{self.path}: this file system cannot lock files ({e.strerror}); make sure no "
+                          "other run uses this output.dir", MlxFtWarning, stacklevel=2)
         previous = _read_info(self.fd)
         self.took_over = previous if previous.get("pid") else None
         prog = "mlxft" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name  # python -m mlx_ft

@@ -207,7 +207,7 @@ class Reporter:
             # the mean train loss of the last report window (the last progress line's figure)
             "final_window_loss": last["loss"] if last else None,
             "final_window_steps": window,
-            "final_loss": last["last_loss"] if last else None,  # = final_step_loss, read by 0.1; gone after 0.2
+            "final_loss": last["last_loss"] if last else None,  # = final_step_loss, for 0.1's readers
             "initial_val_loss": self.loop.extra.get("initial_val_loss"),  # before any update
             "final_val_loss": evals[-1]["val_loss"] if evals else None,
             "best_val_loss": self.loop.best_val_loss,
@@ -248,13 +248,15 @@ def final_line(s: dict, val_step: int | None, wall: float) -> str:
     parts = [f"done: {s['steps']} steps"]
     if s["final_window_loss"] is not None:
         n = s["final_window_steps"]
-        parts.append(f"train loss {s['final_window_loss']:.4f} (mean of the last {n} step{'s' if n != 1 else ''}; "
+        steps = f"{n} step{'s' if n != 1 else ''}"
+        parts.append(f"train loss {s['final_window_loss']:.4f} (mean of the last {steps}; "
                      f"last step {s['final_step_loss']:.4f})")
     if s["final_val_loss"] is not None:
         before = f"{s['initial_val_loss']:.4f} at step 0 -> " if s["initial_val_loss"] is not None else ""
         best = f" (best {s['best_val_loss']:.4f} at step {s['best_step']})" if s["best_step"] else ""
         parts.append(f"val loss {before}{s['final_val_loss']:.4f} at step {val_step}{best}")
-    parts.append(f"{s['trained_tokens']:,} tokens trained in {_duration(wall)} ({s['tokens_per_sec']:.0f} tok/s)")
+    parts.append(f"{s['trained_tokens']:,} tokens trained in {_duration(wall)} "
+                 f"({s['tokens_per_sec']:.0f} tok/s)")
     parts.append(f"adapter: {s['adapter_dir']}")
     return "; ".join(parts)
 

@@ -58,7 +58,8 @@ class TrainResult:
         s = self.summary
         loss = s.get("final_window_loss")
         shown = f"{loss:.4f}" if loss is not None else "None"
-        return f"TrainResult(steps={s.get('steps')}, final_window_loss={shown}, adapter_dir='{self.adapter_dir}')"
+        return (f"TrainResult(steps={s.get('steps')}, final_window_loss={shown}, "
+                f"adapter_dir='{self.adapter_dir}')")
 
 
 def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
@@ -78,7 +79,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         RecipeError, DataError, ModelError, CheckpointError, TrainingError, StorageError.
     """
     echo = print if progress else (lambda _: None)
-    p = _prepare(recipe, (recipe.training.resume == "auto") if resume is None else resume, overwrite, force, echo)
+    resume = (recipe.training.resume == "auto") if resume is None else resume
+    p = _prepare(recipe, resume, overwrite, force, echo)
     try:
         if p.finished is not None:
             return _finished(p, echo)
@@ -143,7 +145,8 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
                               peak_memory=mx.get_peak_memory(),
                               extra={"total_steps": p.total_steps, "world_size": p.world,
                                      "global_batch_size": t.batch_size * t.grad_accum, "plan": p.planned,
-                                     "base_model": p.base_ref, "data_fingerprint": p.meta["data_fingerprint"]})
+                                     "base_model": p.base_ref,
+                                     "data_fingerprint": p.meta["data_fingerprint"]})
     result = TrainResult(run, adapter_dir, summary, step_losses, p.model, p.tokenizer)
     if recipe.export.to and primary:
         from .export import run_exports
@@ -160,10 +163,12 @@ def _finished(p: "_Prepared", echo) -> TrainResult:
     s = p.finished
     adapter_dir = p.run / "adapters"
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"{p.run}: summary.json says the run finished, but {adapter_dir / ADAPTER_WEIGHTS} "
-                              "is missing; start again with --overwrite, or set another output.dir")
+        raise CheckpointError(f"{p.run}: summary.json says the run finished, but "
+                              f"{adapter_dir / ADAPTER_WEIGHTS} is missing; start again with --overwrite, "
+                              "or set another output.dir")
     p.model.load_weights(str(adapter_dir / ADAPTER_WEIGHTS), strict=False)
-    echo(f"output.dir {p.run} holds a finished run ({s.get('steps')} of {s.get('total_steps', s.get('steps'))} steps); "
+    echo(f"output.dir {p.run} holds a finished run ({s.get('steps')} of "
+         f"{s.get('total_steps', s.get('steps'))} steps); "
          "nothing to train. To train it further, raise training.steps or training.epochs and resume again; "
          f"adapter: {adapter_dir}")
     return TrainResult(p.run, adapter_dir, s, [], p.model, p.tokenizer)
@@ -176,8 +181,8 @@ def _stopped(e: StorageError, p: "_Prepared") -> StorageError:
     good, _ = ckpt.scan(p.run, verify=False) if p.run.is_dir() else ({}, {})
     kept = (f"its newest complete checkpoint is {good[max(good)]}" if good else
             "it had written no checkpoint yet (training.save_every sets how often)")
-    return StorageError(f"cannot write {e.path}: {e.reason}. The run stopped at step {p.loop.step}; {kept}. Free "
-                        "space or fix the permissions, then continue with `mlxft run RECIPE --resume`",
+    return StorageError(f"cannot write {e.path}: {e.reason}. The run stopped at step {p.loop.step}; {kept}. "
+                        "Free space or fix the permissions, then continue with `mlxft run RECIPE --resume`",
                         path=e.path, reason=e.reason)
 
 
@@ -306,9 +311,9 @@ def check_run_dir(run: Path, resume: bool, overwrite: bool, locked: bool = False
     kind = kind_of(run)
     if kind != "run":
         what = f"an mlx_ft {kind} export" if kind else "files that mlx_ft did not write (no .mlx_ft marker)"
-        raise StorageError(f"output.dir: {run} holds {what}; mlx_ft trains only into a new or empty directory "
-                           "or one of its own runs, and never deletes what it did not create, --overwrite "
-                           "included. Set another output.dir")
+        raise StorageError(f"output.dir: {run} holds {what}; mlx_ft trains only into a new or empty "
+                           "directory or one of its own runs, and never deletes what it did not create, "
+                           "--overwrite included. Set another output.dir")
     if resume or overwrite:
         return
     state = "a finished run" if (run / "summary.json").exists() else "an unfinished run"
@@ -333,8 +338,9 @@ def _claim(run: Path, resume: bool, overwrite: bool, echo) -> RunLock:
         if overwrite and _entries(run):
             kept = clear_run_dir(run)
             if kept:
-                echo(f"--overwrite kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} of {run} that mlx_ft did "
-                     f"not write: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")
+                entries = f"{len(kept)} entr{'y' if len(kept) == 1 else 'ies'}"
+                echo(f"--overwrite kept {entries} of {run} that mlx_ft did not write: "
+                     f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")
         gone = [*clean_leftovers(run), *ckpt.remove_unfinished(run)]
         for sub in [run / "export", *sorted((run / "export").glob("*/"))]:
             gone += clean_leftovers(sub)
@@ -382,13 +388,14 @@ def _finished_run(run: Path, meta: dict, total_steps: int) -> dict | None:
     return summary if total_steps <= done else None
 
 
-def _resume_from(run: Path, meta: dict, model, optimizer, total_steps: int, echo) -> tuple[Path | None, ckpt.LoopState]:
+def _resume_from(run: Path, meta: dict, model, optimizer, total_steps: int,
+                 echo) -> tuple[Path | None, ckpt.LoopState]:
     """Load the newest complete checkpoint after checking it was made by a compatible recipe."""
     good, bad = ckpt.scan(run)
     if (run / "summary.json").is_file() and not good:
-        raise CheckpointError(f"{run}: the recipe asks for {total_steps} steps, more than the finished run trained, "
-                              "but there is no checkpoint to continue from (training.save_every was not set); "
-                              "start again with --overwrite or set another output.dir")
+        raise CheckpointError(f"{run}: the recipe asks for {total_steps} steps, more than the finished run "
+                              "trained, but there is no checkpoint to continue from (training.save_every was "
+                              "not set); start again with --overwrite or set another output.dir")
     if not good and bad:
         raise CheckpointError(f"{run / 'checkpoints'}: no checkpoint can be resumed from:\n"
                               + "\n".join(f"  {d.name}: {why}" for d, why in bad.items())
@@ -402,9 +409,9 @@ def _resume_from(run: Path, meta: dict, model, optimizer, total_steps: int, echo
     saved = json.loads((latest / ckpt.STATE).read_text())
     _compare(saved, meta, latest)
     if saved["loop"]["step"] > total_steps:
-        raise CheckpointError(f"{latest}: the checkpoint is at step {saved['loop']['step']}, past the {total_steps} "
-                              "steps the recipe asks for; raise training.steps or training.epochs, or start again "
-                              "with --overwrite")
+        raise CheckpointError(f"{latest}: the checkpoint is at step {saved['loop']['step']}, past the "
+                              f"{total_steps} steps the recipe asks for; raise training.steps or "
+                              "training.epochs, or start again with --overwrite")
     loop, _ = ckpt.load(latest, model, optimizer)
     return latest, loop
 

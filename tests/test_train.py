@@ -76,8 +76,9 @@ def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 6, 12]  # step 0: training.eval_at_start
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("final_step_loss", "final_window_loss", "initial_val_loss", "best_val_loss", "best_step", "trained_tokens", "wall_time_sec",
-                "tokens_per_sec", "peak_memory_bytes", "trainable_parameters", "data"):
+    for key in ("final_step_loss", "final_window_loss", "initial_val_loss", "best_val_loss", "best_step",
+                "trained_tokens", "wall_time_sec", "tokens_per_sec", "peak_memory_bytes",
+                "trainable_parameters", "data"):
         assert summary[key] is not None, key
     assert summary["steps"] == 12 and summary["trainable_parameters"] == 8192
     assert summary["peak_memory_bytes"] > 0
@@ -507,7 +508,8 @@ def test_loss_figures_are_named_and_validation_starts_at_step_0(tmp_path, tiny_m
     s = json.loads((run / "summary.json").read_text())
     last = train_rows(run)[-1]
     assert last["step"] == 5 and s["final_window_steps"] == 1  # reports at 2, 4, then the last step alone
-    assert s["final_step_loss"] == last["last_loss"] == s["final_loss"] and s["final_window_loss"] == last["loss"]
+    assert s["final_step_loss"] == last["last_loss"] == s["final_loss"]
+    assert s["final_window_loss"] == last["loss"]
     assert s["initial_val_loss"] == rows[0]["val_loss"] > s["final_val_loss"] == rows[-1]["val_loss"]
     assert s["best_step"] in (4, 5)  # the step-0 pass is never the "best" adapter
     assert (f"val loss {s['initial_val_loss']:.4f} at step 0 -> {s['final_val_loss']:.4f} at step 5 (best "

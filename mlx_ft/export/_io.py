@@ -29,8 +29,9 @@ def check_target(out: Path, overwrite: bool, kind: str) -> None:
             raise ExportError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
         problem = _not_replaceable(out, kind)
         if problem:
-            raise ExportError(f"{out} {problem}; mlx_ft replaces only an earlier export of its own of the same kind "
-                              f"({kind}), even with --overwrite. Nothing was changed: choose a new path for --out")
+            raise ExportError(f"{out} {problem}; mlx_ft replaces only an earlier export of its own of the "
+                              f"same kind ({kind}), even with --overwrite. Nothing was changed: choose a new "
+                              "path for --out")
     clean_leftovers(out.parent, out.name)
 
 
@@ -50,7 +51,9 @@ def _not_replaceable(out: Path, kind: str) -> str | None:
         return None
     if found == "run":
         return "is a run directory of mlx_ft, not an export"
-    return f"is an mlx_ft {found} export, not {kind}" if found else f"holds files mlx_ft did not write (no {MARKER})"
+    if found:
+        return f"is an mlx_ft {found} export, not {kind}"
+    return f"holds files mlx_ft did not write (no {MARKER})"
 
 
 def _inside_own_export(out: Path) -> bool:

@@ -39,8 +39,8 @@ def _warn_on_renamed_tensors(base_dir: Path, names: set[str]) -> None:
     missing = sorted(base_names - names)
     if missing:
         warnings.warn(f"{len(missing)} tensor name(s) of the base checkpoint are not in the export (e.g. "
-                      f"{', '.join(missing[:3])}); mlx-lm loads the export, transformers may not", MlxFtWarning,
-                      stacklevel=3)
+                      f"{', '.join(missing[:3])}); mlx-lm loads the export, transformers may not",
+                      MlxFtWarning, stacklevel=3)
 
 
 def model_bytes(model) -> int:
