@@ -334,8 +334,8 @@ def test_kills_during_a_checkpoint_write_and_an_export_leave_nothing_after_the_n
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # llama.cpp's quantizer in-process, not a binary
     env = {**os.environ, "PYTHONPATH": ROOT}
     jobs = ((KILL_IN_CHECKPOINT, path), (KILL_IN_EXPORT, exported))
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(arg)], env=env, stderr=subprocess.PIPE, text=True)
-             for code, arg in jobs]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(arg)], env=env, stderr=subprocess.PIPE,
+                              text=True) for code, arg in jobs]
     for proc in procs:
         assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr.read()
         proc.stderr.close()
