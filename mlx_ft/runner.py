@@ -151,7 +151,11 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
     if recipe.export.to and primary:
         from .export import run_exports
 
-        summary["exports"] = [str(path) for path in run_exports(recipe, run)]
+        try:
+            summary["exports"] = [str(path) for path in run_exports(recipe, run)]
+        except StorageError as e:  # training is done and kept: say so, not "the run stopped"
+            raise StorageError(f"{e}. Training finished: the adapter is in {adapter_dir}; export it again with "
+                               "`mlxft fuse` or `mlxft export-adapter`") from None
         write_text(run / "summary.json", json.dumps(summary, indent=2))
     return result
 
