@@ -17,7 +17,7 @@ import sys
 import types
 
 from .errors import (CheckpointError, DataError, ExportError, MlxFtError, ModelError, PlanError,
-                     RecipeError, TrainingError)
+                     RecipeError, StorageError, TrainingError)
 from .recipe import Recipe, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
@@ -60,4 +60,4 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = ["load_recipe", "recipe_from_dict", "Recipe", *_LAZY, "MlxFtError", "RecipeError", "DataError",
-           "ModelError", "CheckpointError", "TrainingError", "ExportError", "PlanError"]
+           "ModelError", "CheckpointError", "TrainingError", "ExportError", "PlanError", "StorageError"]

@@ -8,25 +8,30 @@
                                 sha256 of every file above, the resolved recipe
 
 A checkpoint is written to `.step-000200.tmp-*` and renamed, so a crash leaves either the whole
-directory or a temp name that is ignored. A file that does not match its recorded checksum (a
-truncated copy, a disk error) makes the checkpoint skipped with a warning in favour of the
-previous complete one.
+directory or a temp name that is ignored and removed by the next run. A file that does not match
+its recorded checksum (a truncated copy, a disk error) or a state.json without its keys makes the
+checkpoint skipped with a warning in favour of the previous complete one; when none is usable,
+resuming is an error, never a silent restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .atomic import atomic_dir
-from .errors import CheckpointError
+from .atomic import TMP_TAG, atomic_dir, clean_leftovers
+from .errors import CheckpointError, MlxFtWarning
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
+_NAME = re.compile(r"step-\d{6,}")
 
 
 @dataclass
@@ -75,23 +80,57 @@ def _prune(root: Path, keep: int, protect: set[int]) -> None:
     steps = sorted(list_complete(root.parent, verify=False))
     for step in steps[:-keep]:
         if step not in protect:
-            shutil.rmtree(root / f"step-{step:06d}", ignore_errors=True)
-    for stale in root.glob(".step-*.tmp-*"):  # a temp dir left by a killed process
-        shutil.rmtree(stale, ignore_errors=True)
+            _remove(root / f"step-{step:06d}")
+    clean_leftovers(root)  # a temp dir left by a killed process
+
+
+def _remove(d: Path) -> None:
+    """Delete a checkpoint directory without ever leaving a half-deleted one under its name: it is
+    renamed to a temp name first (atomic), so a kill during the delete leaves a leftover that the
+    next run removes, not a checkpoint without its state.json."""
+    gone = d.with_name(f".{d.name}{TMP_TAG}deleted-{uuid.uuid4().hex[:8]}")
+    os.replace(d, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def scan(run_dir: Path, verify: bool = True) -> tuple[dict[int, Path], dict[Path, str]]:
+    """(step -> directory of every complete checkpoint, directory -> why it cannot be used).
+
+    Only `step-NNNNNN` directories are checkpoints; other entries (a copy named `step-000004 copy`,
+    a temp name) are not looked at. Checksums are verified when `verify`."""
+    good, bad = {}, {}
+    root = run_dir / "checkpoints"
+    for d in sorted(root.glob("step-*")) if root.is_dir() else []:
+        if not (d.is_dir() and _NAME.fullmatch(d.name)):
+            continue
+        problem = _problem(d) if verify else (None if (d / STATE).is_file() else f"no {STATE}")
+        if problem:
+            bad[d] = problem
+        else:
+            good[int(d.name.split("-")[1])] = d
+    return good, bad
 
 
 def list_complete(run_dir: Path, verify: bool = True) -> dict[int, Path]:
-    """step -> directory of every complete checkpoint (checksums verified when `verify`)."""
-    out = {}
-    for d in sorted((run_dir / "checkpoints").glob("step-*")):
-        if ".tmp-" in d.name or not d.is_dir():
-            continue
-        problem = _problem(d) if verify else (None if (d / STATE).is_file() else "no state.json")
-        if problem:
-            warnings.warn(f"skipping checkpoint {d}: {problem}", stacklevel=2)
-            continue
-        out[int(d.name.split("-")[1])] = d
-    return out
+    """step -> directory of every complete checkpoint (checksums verified when `verify`); the others
+    are skipped with a warning."""
+    good, bad = scan(run_dir, verify)
+    for d, problem in bad.items():
+        warnings.warn(f"skipping checkpoint {d}: {problem}", MlxFtWarning, stacklevel=2)
+    return good
+
+
+def remove_unfinished(run_dir: Path) -> list[Path]:
+    """Delete checkpoint directories without a state.json (only an interrupted delete of an older
+    mlx_ft, which deleted in place, leaves one: state.json is written inside the temp directory
+    before the rename) and temp leftovers of killed writes. Returns what was removed."""
+    _, bad = scan(run_dir, verify=False)
+    for d in bad:
+        _remove(d)
+    return [*bad, *clean_leftovers(run_dir / "checkpoints")]
+
+
+_LOOP_KEYS = {f.name for f in fields(LoopState)}
 
 
 def _problem(d: Path) -> str | None:
@@ -99,7 +138,16 @@ def _problem(d: Path) -> str | None:
         meta = json.loads((d / STATE).read_text())
     except (OSError, ValueError) as e:
         return f"unreadable {STATE} ({e})"
-    for name, digest in meta.get("files", {}).items():
+    if not (isinstance(meta, dict) and isinstance(meta.get("loop"), dict)
+            and isinstance(meta.get("files"), dict)):
+        return f"{STATE} lacks its `loop` or `files` table (not written by this mlx_ft, or edited)"
+    missing = sorted({"step", "epoch", "batch_index"} - set(meta["loop"]))
+    unknown = sorted(set(meta["loop"]) - _LOOP_KEYS)
+    if missing or unknown or not isinstance(meta.get("recipe"), dict):
+        what = ", ".join([*(f"missing loop.{k}" for k in missing), *(f"unknown loop.{k}" for k in unknown)]
+                         + ([] if isinstance(meta.get("recipe"), dict) else ["missing recipe"]))
+        return f"{STATE} does not describe a checkpoint ({what})"
+    for name, digest in meta["files"].items():
         f = d / name
         if not f.is_file():
             return f"{name} is missing"

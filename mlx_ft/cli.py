@@ -20,17 +20,42 @@ EXIT_USER_ERROR = 2
 
 
 def user_errors(fn):
-    """Print an MlxFtError as one block on stderr and exit 2, never a traceback."""
+    """Print an MlxFtError (or a failed write: disk full, read-only) as one block on stderr and exit 2,
+    never a traceback; print mlx_ft's warnings as one line each."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import warnings
+
+        from .atomic import is_write_failure, storage_error
+
+        shown, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             return fn(*args, **kwargs)
         except MlxFtError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except OSError as e:
+            if not is_write_failure(e):
+                raise
+            click.echo(f"error: {storage_error(e, Path(e.filename or '.'), '')}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        finally:
+            warnings.showwarning = shown
 
     return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our warnings as `warning: ...` (no Python source line); others as Python shows them."""
+    import warnings
+
+    from .errors import MlxFtWarning
+
+    if issubclass(category, MlxFtWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line), err=True, nl=False)
 
 
 def entry():
@@ -98,7 +123,9 @@ def validate(recipes, overrides):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set training.learning_rate=2e-4 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output.dir.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing output.dir first.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run in output.dir: what mlx_ft wrote there is removed once the "
+              "recipe, model and data are checked (a directory mlx_ft did not make is refused).")
 @click.option("--force", is_flag=True, help="Start even when the memory plan says the run will not fit this machine.")
 @user_errors
 def run(recipe, overrides, resume, overwrite, force):
@@ -251,7 +278,9 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
               help="--to lmstudio: LM Studio's models directory [env LMSTUDIO_MODELS_DIR; default ~/.lmstudio/models].")
 @click.option("--gguf-pre", help="BPE pre-tokenizer name for llama.cpp, only when its table does not know "
               "the tokenizer (the error lists the names).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing target.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing target, if it is an earlier mlx_ft export of the same kind "
+              "(never other files).")
 @user_errors
 def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, gguf_pre, overwrite):
     """Merge the adapter into its (dequantized) base and write the model.
@@ -285,7 +314,9 @@ def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, 
               help="gguf-lora: also write the base GGUF the adapter applies to, and a Modelfile.")
 @click.option("--gguf-pre", help="With --with-base: BPE pre-tokenizer name for llama.cpp, only when its table "
               "does not know the tokenizer (the error lists the names).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing target.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing target, if it is an earlier mlx_ft export of the same kind "
+              "(never other files).")
 @user_errors
 def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
     """Write the adapter alone, for PEFT or llama.cpp, without merging it.

@@ -42,3 +42,16 @@ class ExportError(MlxFtError):
 
 class PlanError(MlxFtError):
     """The planner lacks what it needs (unknown machine, model config not found offline)."""
+
+
+class StorageError(MlxFtError):
+    """A file or directory cannot be written or replaced (disk full, read-only, not mlx_ft's to
+    replace, in use by another run); the message names the path and what was kept."""
+
+    def __init__(self, message: str, path=None, reason: str | None = None):
+        super().__init__(message)
+        self.path, self.reason = path, reason  # set for a write that failed
+
+
+class MlxFtWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

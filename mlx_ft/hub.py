@@ -61,6 +61,36 @@ def resolve_model_path(
                          f"download it once with `hf download {path}` or give a local directory") from None
 
 
+def check_local_model(path: str) -> None:
+    """Raise the ModelError of a local `model.path` that is missing or holds no usable config.json,
+    without loading anything (hub ids and builtin models are left to loading)."""
+    if not path.startswith("builtin:") and (looks_local(path) or Path(path).expanduser().exists()):
+        read_config(resolve_model_path(path))
+
+
+def read_config(model_dir: Path) -> dict:
+    """The model's config.json, checked: JSON, an object, naming a `model_type`.
+
+    Raises:
+        ModelError: naming the file (and line), what is wrong and the fix.
+    """
+    import json
+
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        where = f":{e.lineno}" if hasattr(e, "lineno") else ""
+        raise ModelError(f"{path}{where}: not valid JSON ({e.msg if hasattr(e, 'msg') else e}); restore the "
+                         "model's config.json (download the model again)") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot be read ({e.strerror}); check the model directory") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{path}: no `model_type` (e.g. \"llama\", \"qwen2\"); a Hugging Face config.json "
+                         "names its architecture there: restore the model's config.json")
+    return config
+
+
 def looks_local(path: str) -> bool:
     """A path that cannot be a hub id (`org/name`): relative, absolute, home or several levels."""
     return path.startswith((".", "/", "~")) or path.count("/") != 1

@@ -33,21 +33,31 @@ def load_base(cfg: ModelConfig, texts: Callable[[], list[str]] | None = None):
     from mlx_lm.utils import load
 
     from .hfconfig import normalize
+    from .hub import read_config
 
     model_dir = resolve_model_path(cfg.path, cfg.revision, texts)
     # mlx-lm reads only transformers 4's RoPE keys: give it those of a transformers-5 config too.
-    raw = json.loads((model_dir / "config.json").read_text())
+    raw = read_config(model_dir)
     rope = {k: v for k, v in normalize(raw, str(model_dir / "config.json")).items() if raw.get(k) != v}
     try:
         # Quantizing on load: read lazily, so the 16-bit weights are never all in memory at once.
         model, tokenizer = load(str(model_dir), tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
                                 model_config=rope, trust_remote_code=cfg.trust_remote_code,
                                 lazy=cfg.quantize is not None)
-    except ValueError as e:  # mlx-lm: "Model type X not supported."
+        if cfg.quantize is not None:
+            quantize(model, cfg.quantize.bits, cfg.quantize.group_size)
+            materialize_by_layer(model)
+    except ValueError as e:  # mlx-lm: "Model type X not supported.", weights that do not fit the config
         raise ModelError(f"model.path: mlx-lm cannot load {model_dir}: {e}") from None
-    if cfg.quantize is not None:
-        quantize(model, cfg.quantize.bits, cfg.quantize.group_size)
-        materialize_by_layer(model)
+    except FileNotFoundError as e:  # mlx-lm: "No safetensors found in DIR"
+        raise ModelError(f"model.path: {model_dir} has no model*.safetensors weights ({e}); point "
+                         "model.path at a Hugging Face model directory with its weights, or download them "
+                         "again") from None
+    except RuntimeError as e:  # MLX: "[load_safetensors] ... Perhaps an incomplete download or corrupt file?"
+        if "safetensors" not in str(e):
+            raise
+        raise ModelError(f"model.path: a weight file in {model_dir} cannot be read ({e}); download the model "
+                         "again") from None
     return model, tokenizer, model_dir
 
 
@@ -188,7 +198,7 @@ def save_adapter(model, out_dir: str | Path, adapter_config: dict, base_model: s
 
 def find_adapter_dir(path: str | Path) -> Path:
     """A run directory (holding adapters/) or an adapter directory -> the adapter directory."""
-    path = Path(path)
+    path = Path(path).expanduser()
     for cand in (path, path / "adapters"):
         if (cand / ADAPTER_CONFIG).is_file() and (cand / ADAPTER_WEIGHTS).is_file():
             return cand

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import tomllib
 import types
@@ -150,6 +151,9 @@ class TrainingConfig:
     """Steps between validation passes (there is always one at the end when there is data)."""
     eval_batches: Optional[int] = None
     """Validation batches per pass; omit to use the whole validation set."""
+    eval_at_start: bool = True
+    """One validation pass before the first step (metrics.jsonl's step-0 row, summary.json's
+    `initial_val_loss`), so the final line shows how much the run learned. Never a "best"."""
     early_stopping_patience: Optional[int] = None
     """Stop after this many validation passes without a new best loss."""
     save_every: Optional[int] = None
@@ -203,7 +207,7 @@ class Recipe:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output.dir)
+        return Path(self.output.dir).expanduser()
 
     def to_dict(self) -> dict:
         """The TOML tables as plain data (None values left out, as TOML has no null)."""
@@ -232,6 +236,7 @@ def load_recipe(
     path = Path(path)
     data, prov = _read_with_extends(path, [])
     _apply_overrides(data, prov, overrides, str(path))
+    _check_tables(data, prov, str(path))
     _settle_alternatives(data, prov)
     if not data.get("output", {}).get("dir"):
         data.setdefault("output", {})["dir"] = f"runs/{path.stem}"
@@ -248,7 +253,7 @@ def recipe_from_dict(
     data.pop("extends", None)
     if not data.get("output", {}).get("dir"):
         data = {**data, "output": {**data.get("output", {}), "dir": "runs/run"}}
-    values = _build(Recipe, data, "", problems, exclude={"source", "provenance"})
+    values = _build(Recipe, _expand_home(data), "", problems, exclude={"source", "provenance"})
     prov = dict(provenance or {})
     # Fields with a type problem fall back to their defaults so the range and cross-field rules
     # still run: the user sees every problem at once, not one layer at a time.
@@ -260,6 +265,32 @@ def recipe_from_dict(
     if problems:
         raise RecipeError(source, [_where(m, prov, source) for m in problems])
     return recipe
+
+
+def _check_tables(data: dict, prov: dict, source: str) -> None:
+    """Each table must be a table (`output = "x"`, `training = 5` or `--set output=/x` are not): said
+    before the tables are read for defaults and alternatives."""
+    bad = [_where(f"{t}: expected a table such as [{t}] with its keys, found {_show(data[t])}", prov, source)
+           for t in TABLES if t in data and not isinstance(data[t], dict)]
+    if bad:
+        raise RecipeError(source, bad)
+
+
+# Keys holding local paths: a leading `~` is the user's home, as in a shell (not a directory "~").
+_PATH_KEYS = {("model", "path"), ("data", "train"), ("data", "valid"), ("output", "dir")}
+
+
+def _expand_home(data: dict) -> dict:
+    def expand(v):
+        if isinstance(v, str) and v.startswith("~"):
+            return os.path.expanduser(v)
+        return [expand(x) for x in v] if isinstance(v, list) else v
+
+    out = dict(data)
+    for table, key in _PATH_KEYS:
+        if isinstance(out.get(table), dict) and key in out[table]:
+            out[table] = {**out[table], key: expand(out[table][key])}
+    return out
 
 
 def _where(problem: str, prov: dict, source: str) -> str:
@@ -422,6 +453,9 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> tuple[bool,
             out.append(_convert(item, args[0], f"{path}[{i}]", problems)[1])
         return len(problems) == before, out
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # TOML has inf and nan; no setting means either
+            problems.append(f"{path}: expected a finite number, found {value}")
+            return False, None
         return True, float(value)
     if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return True, value

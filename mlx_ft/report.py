@@ -9,11 +9,52 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from .atomic import storage_error, write_text
 from .checkpoint import LoopState
+from .errors import MlxFtWarning
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (a process killed or a disk filled mid-write by
+    an older mlx_ft) is dropped silently; any other line that is not a JSON row is skipped with a
+    warning naming file:line."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+                continue
+        except ValueError:
+            if i == len(lines):
+                continue
+        if line.strip():
+            warnings.warn(f"{path}:{i}: not a metrics row, skipped", MlxFtWarning, stacklevel=2)
+    return rows
+
+
+def append_line(fd: int, text: str, path: Path) -> None:
+    """Append one line whole or not at all: a short write (disk full) is cut back off the file, so
+    metrics.jsonl never ends in half a row."""
+    data = text.encode()
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(28, "No space left on device")  # a short write is what a full disk gives
+    except OSError as e:
+        try:
+            os.ftruncate(fd, end)
+        except OSError:
+            pass
+        raise storage_error(e, path, f"{path.name} keeps every whole row before this one.") from None
 
 
 class Callback:
@@ -55,11 +96,10 @@ class Reporter:
         self.report_every = recipe.training.report_every
         metrics = self.run / "metrics.jsonl"
         if self.resumed and metrics.exists():  # drop rows written after the checkpoint
-            keep = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= self.loop.step]
-            self.rows = keep
+            self.rows = [r for r in read_rows(metrics) if r["step"] <= self.loop.step]
         if self.write:
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            self.metrics = open(metrics, "a")
+            write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
+            self.metrics = os.open(metrics, os.O_WRONLY | os.O_APPEND)
         self.echo(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%)")
         if stats:
             self.echo("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
@@ -84,7 +124,8 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
         if self.metrics is not None:
-            self.metrics.close()
+            os.close(self.metrics)
+            self.metrics = None
 
     # -- events ----------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -93,8 +134,7 @@ class Reporter:
     def _write(self, row: dict) -> None:
         self.rows.append(row)
         if self.metrics is not None:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
+            append_line(self.metrics, json.dumps(row) + "\n", self.run / "metrics.jsonl")
 
     def step(self, loss: float, n_tok: int, lr: float, grad_norm: float) -> None:
         import mlx.core as mx
@@ -133,6 +173,14 @@ class Reporter:
                 cb.on_train_report(row)
             self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": now}
 
+    def initial_eval(self, val_loss: float) -> None:
+        """The validation loss before the first update (never a "best": nothing was trained)."""
+        row = {"step": 0, "val_loss": val_loss, "best": False}
+        self._write(row)
+        self.echo(f"step 0: val loss {val_loss:.4f} (before training)")
+        for cb in self.callbacks:
+            cb.on_eval(row)
+
     def eval(self, val_loss: float, improved: bool) -> None:
         row = {"step": self.loop.step, "val_loss": val_loss, "best": improved}
         self._write(row)
@@ -148,11 +196,20 @@ class Reporter:
     def finish(self, adapter_dir: Path, n_trainable: int, n_total: int, stats: dict, peak_memory: int,
                extra: dict | None = None) -> dict:
         train_rows = [r for r in self.rows if "loss" in r]
+        evals = [r for r in self.rows if "val_loss" in r and r["step"] > 0]
         wall = self.elapsed()
+        last = train_rows[-1] if train_rows else None
+        window = last["step"] - (train_rows[-2]["step"] if len(train_rows) > 1 else 0) if last else 0
         summary = {
             "steps": self.loop.step,
             "epoch": self.loop.epoch,
-            "final_loss": train_rows[-1]["last_loss"] if train_rows else None,
+            "final_step_loss": last["last_loss"] if last else None,  # the last optimizer step's train loss
+            # the mean train loss of the last report window (the last progress line's figure)
+            "final_window_loss": last["loss"] if last else None,
+            "final_window_steps": window,
+            "final_loss": last["last_loss"] if last else None,  # = final_step_loss, for 0.1's readers
+            "initial_val_loss": self.loop.extra.get("initial_val_loss"),  # before any update
+            "final_val_loss": evals[-1]["val_loss"] if evals else None,
             "best_val_loss": self.loop.best_val_loss,
             "best_step": self.loop.best_step,
             "trained_tokens": self.loop.trained_tokens,
@@ -168,15 +225,11 @@ class Reporter:
         }
         if not self.write:
             return summary
-        (self.run / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(self.run / "summary.json", json.dumps(summary, indent=2))
         self.plot()
         for cb in self.callbacks:
             cb.on_end(summary)
-        best = f", best val {summary['best_val_loss']:.4f} at step {summary['best_step']}" if summary["best_step"] else ""
-        final = summary["final_loss"]
-        print(f"done: {summary['steps']} steps, final loss {final:.4f}{best}, {summary['trained_tokens']:,} tokens "
-              f"trained in {_duration(wall)} ({summary['tokens_per_sec']:.0f} tok/s), adapter: {adapter_dir}",
-              flush=True)
+        print(final_line(summary, evals[-1]["step"] if evals else None, wall), flush=True)
         return summary
 
     def plot(self) -> Path:
@@ -187,9 +240,25 @@ class Reporter:
         positive, so late small improvements stay visible."""
         tr = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         va = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
-        out = self.run / "loss.svg"
-        out.write_text(loss_svg(self.run.name, {"train": tr, "validation": va}))
-        return out
+        return write_text(self.run / "loss.svg", loss_svg(self.run.name, {"train": tr, "validation": va}))
+
+
+def final_line(s: dict, val_step: int | None, wall: float) -> str:
+    """The last line of a run: each loss figure named for what it is, validation before and after."""
+    parts = [f"done: {s['steps']} steps"]
+    if s["final_window_loss"] is not None:
+        n = s["final_window_steps"]
+        steps = f"{n} step{'s' if n != 1 else ''}"
+        parts.append(f"train loss {s['final_window_loss']:.4f} (mean of the last {steps}; "
+                     f"last step {s['final_step_loss']:.4f})")
+    if s["final_val_loss"] is not None:
+        before = f"{s['initial_val_loss']:.4f} at step 0 -> " if s["initial_val_loss"] is not None else ""
+        best = f" (best {s['best_val_loss']:.4f} at step {s['best_step']})" if s["best_step"] else ""
+        parts.append(f"val loss {before}{s['final_val_loss']:.4f} at step {val_step}{best}")
+    parts.append(f"{s['trained_tokens']:,} tokens trained in {_duration(wall)} "
+                 f"({s['tokens_per_sec']:.0f} tok/s)")
+    parts.append(f"adapter: {s['adapter_dir']}")
+    return "; ".join(parts)
 
 
 def loss_svg(title: str, series: dict[str, list[tuple[float, float]]], width: int = 640, height: int = 360) -> str:

@@ -1,11 +1,16 @@
 """The runner: the one place that orchestrates a run, `train(recipe)`.
 
-    plan first -> the run directory -> load model and data -> adapters, optimizer, resume point
-    -> the training loop (mlx_ft.train) -> save the adapter -> export -> summary and report
+    validate the run dir -> plan first -> load model and data -> claim the run dir (lock, then
+    --overwrite, leftovers) -> adapters, optimizer, resume point -> validation loss at step 0 ->
+    the training loop (mlx_ft.train) -> save the adapter -> export -> summary and report
 
 `mlxft run` and the notebook's `mlx_ft.train` call it. Each stage it calls lives below it and
 knows nothing of the others: the planner does not train, the loop neither plans nor exports, the
 data stage needs a tokenizer but not the model stage.
+
+Everything that can be checked (recipe, run directory, model, data, adapters) is checked before
+anything in the run directory is deleted; mlx_ft deletes only what it wrote there (ownership.py),
+and one run at a time holds the directory's lock.
 """
 
 from __future__ import annotations
@@ -13,24 +18,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
+import tomllib
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .errors import CheckpointError, PlanError, TrainingError
+from .atomic import check_writable, clean_leftovers, is_write_failure, storage_error, write_text
+from .errors import CheckpointError, MlxFtWarning, PlanError, StorageError, TrainingError
+from .ownership import LOCK, MARKER, RESOLVED, RunLock, check_not_in_use, clear_run_dir, kind_of, mark
 from .recipe import Recipe, resolved_toml
 from .report import Callback
 
 # Recipe keys that may change between a checkpoint and a resume; any other change is refused.
+# More steps or epochs continue the run (a checkpoint beyond the new total is refused).
 HARMLESS_ON_RESUME = {
     "training.eval_every", "training.eval_batches", "training.save_every", "training.keep_checkpoints",
     "training.report_every", "training.early_stopping_patience", "training.resume", "data.valid",
-    "data.valid_fraction", "model.revision", "model.trust_remote_code",
+    "data.valid_fraction", "model.revision", "model.trust_remote_code", "training.eval_at_start",
+    "training.steps", "training.epochs",
 }
 
 __all__ = ["Callback", "TrainResult", "train"]
@@ -41,13 +50,15 @@ class TrainResult:
     run_dir: Path
     adapter_dir: Path
     summary: dict
-    losses: list[float] = field(default_factory=list)  # train loss of every optimizer step
+    losses: list[float] = field(default_factory=list)  # train loss of every optimizer step of this call
     model: object = field(default=None, repr=False)  # the trained model, adapters applied
     tokenizer: object = field(default=None, repr=False)
 
     def __repr__(self):
         s = self.summary
-        return (f"TrainResult(steps={s['steps']}, final_loss={s['final_loss']:.4f}, "
+        loss = s.get("final_window_loss")
+        shown = f"{loss:.4f}" if loss is not None else "None"
+        return (f"TrainResult(steps={s.get('steps')}, final_window_loss={shown}, "
                 f"adapter_dir='{self.adapter_dir}')")
 
 
@@ -60,28 +71,46 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
 
     Args:
         resume: continue from the newest complete checkpoint in `output.dir` (None: the
-            recipe's `training.resume`). overwrite: delete an existing `output.dir` first.
+            recipe's `training.resume`). A finished run is returned as it is, unless the recipe
+            asks for more steps or epochs. overwrite: remove what an earlier run of mlx_ft wrote in
+            `output.dir` first (only after the recipe, model and data were checked).
         force: start even when the plan says the run will not fit.
     Raises:
-        RecipeError, DataError, ModelError, CheckpointError, TrainingError.
+        RecipeError, DataError, ModelError, CheckpointError, TrainingError, StorageError.
     """
-    import mlx.core as mx
-
-    from . import models
-    from .report import Reporter
-    from .train import Session, train_loop
-
-    t = recipe.training
     echo = print if progress else (lambda _: None)
+    resume = (recipe.training.resume == "auto") if resume is None else resume
     if recipe.export.to:
         from .export import check_exports
 
         check_exports(recipe)  # a missing GGUF quantizer is found before training, not after
-    p = _prepare(recipe, (t.resume == "auto") if resume is None else resume, overwrite, force, echo)
+    p = _prepare(recipe, resume, overwrite, force, echo)
+    try:
+        if p.finished is not None:
+            return _finished(p, echo)
+        return _run(recipe, p, callbacks, progress)
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise _stopped(storage_error(e, Path(e.filename or p.run), ""), p) from None
+    except StorageError as e:
+        raise _stopped(e, p) from None
+    finally:
+        if p.lock is not None:
+            p.lock.release()
+
+
+def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResult:
+    import mlx.core as mx
+
+    from . import models
+    from .report import Reporter
+    from .train import Session, evaluate_loss, train_loop
+
+    t = recipe.training
     run, primary = p.run, p.rank == 0
     if primary:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "recipe.resolved.toml").write_text(resolved_toml(recipe))
+        write_text(run / RESOLVED, resolved_toml(recipe))
     reporter = Reporter(run, p.total_steps, p.loop, callbacks, progress and primary, resumed=p.latest is not None,
                         write=primary)
     reporter.start(recipe, p.n_trainable, p.n_total, p.splits.stats, p.latest)
@@ -101,9 +130,15 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         reporter.checkpoint(path)
         return path
 
-    session = Session(p.model, p.optimizer, p.loss_fn, p.splits, p.loop, p.total_steps, reporter,
-                      save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world)
     try:
+        # The validation loss before any update, so "how much did it learn" needs no arithmetic. Here
+        # and not in the loop: it trains nothing, and a resumed run has it in its checkpoint already.
+        if t.eval_at_start and p.loop.step == 0 and p.splits.valid:
+            val = evaluate_loss(p.model, p.loss_fn, p.splits.valid, t, recipe.data, p.rank, p.world)
+            p.loop.extra["initial_val_loss"] = val
+            reporter.initial_eval(val)
+        session = Session(p.model, p.optimizer, p.loss_fn, p.splits, p.loop, p.total_steps, reporter,
+                          save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world)
         step_losses = train_loop(session, t, recipe.data)
     finally:
         reporter.close()
@@ -112,15 +147,51 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     save_adapter("adapters")
     summary = reporter.finish(adapter_dir, p.n_trainable, p.n_total, p.splits.stats,
                               peak_memory=mx.get_peak_memory(),
-                              extra={"world_size": p.world, "global_batch_size": t.batch_size * t.grad_accum,
-                                     "plan": p.planned})
+                              extra={"total_steps": p.total_steps, "world_size": p.world,
+                                     "global_batch_size": t.batch_size * t.grad_accum, "plan": p.planned,
+                                     "base_model": p.base_ref,
+                                     "data_fingerprint": p.meta["data_fingerprint"]})
     result = TrainResult(run, adapter_dir, summary, step_losses, p.model, p.tokenizer)
     if recipe.export.to and primary:
         from .export import run_exports
 
-        summary["exports"] = [str(path) for path in run_exports(recipe, run)]
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            summary["exports"] = [str(path) for path in run_exports(recipe, run)]
+        except StorageError as e:  # training is done and kept: say so, not "the run stopped"
+            raise StorageError(f"{e}. Training finished: the adapter is in {adapter_dir}; export it again with "
+                               "`mlxft fuse` or `mlxft export-adapter`") from None
+        write_text(run / "summary.json", json.dumps(summary, indent=2))
     return result
+
+
+def _finished(p: "_Prepared", echo) -> TrainResult:
+    """A finished run asked to resume with nothing more to do: its result, the trained model loaded."""
+    from .models import ADAPTER_WEIGHTS
+
+    s = p.finished
+    adapter_dir = p.run / "adapters"
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{p.run}: summary.json says the run finished, but "
+                              f"{adapter_dir / ADAPTER_WEIGHTS} is missing; start again with --overwrite, "
+                              "or set another output.dir")
+    p.model.load_weights(str(adapter_dir / ADAPTER_WEIGHTS), strict=False)
+    echo(f"output.dir {p.run} holds a finished run ({s.get('steps')} of "
+         f"{s.get('total_steps', s.get('steps'))} steps); "
+         "nothing to train. To train it further, raise training.steps or training.epochs and resume again; "
+         f"adapter: {adapter_dir}")
+    return TrainResult(p.run, adapter_dir, s, [], p.model, p.tokenizer)
+
+
+def _stopped(e: StorageError, p: "_Prepared") -> StorageError:
+    """A write failed mid-run: say what the run directory still holds and how to continue."""
+    if e.path is None:  # not a failed write (a directory in use, not mlx_ft's): said as it is
+        return e
+    good, _ = ckpt.scan(p.run, verify=False) if p.run.is_dir() else ({}, {})
+    kept = (f"its newest complete checkpoint is {good[max(good)]}" if good else
+            "it had written no checkpoint yet (training.save_every sets how often)")
+    return StorageError(f"cannot write {e.path}: {e.reason}. The run stopped at step {p.loop.step}; {kept}. "
+                        "Free space or fix the permissions, then continue with `mlxft run RECIPE --resume`",
+                        path=e.path, reason=e.reason)
 
 
 @dataclass
@@ -144,6 +215,8 @@ class _Prepared:
     n_trainable: int
     n_total: int
     planned: dict | None
+    lock: RunLock | None = None  # held by rank 0 for the whole run
+    finished: dict | None = None  # summary.json of a finished run there is nothing more to train for
 
 
 def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -> _Prepared:
@@ -151,16 +224,21 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     import mlx.core as mx
 
     from . import data, losses, models
+    from .hub import check_local_model
     from .step import build_optimizer
 
     t, d = recipe.training, recipe.data
+    resume = resume and not overwrite
     group = _init_distributed()  # a group of one unless started by mlx.launch
     rank, world = group.rank(), group.size()
     if t.batch_size % world:
         raise TrainingError(f"training.batch_size: {t.batch_size} rows cannot be split evenly over {world} "
                             f"processes; use a multiple of {world} (it is the global batch)")
+    run = recipe.run_dir
+    if rank == 0:
+        check_run_dir(run, resume, overwrite)  # fails at once, before the minutes of loading
+    check_local_model(recipe.model.path)  # a typo in model.path says so, without a plan line first
     planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None))
-    run = prepare_run_dir(recipe, resume, overwrite, primary=rank == 0)
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
     splits = data.load_datasets(recipe, tokenizer)
     # Seeded here, after loading: building the builtin demo model on first use draws from the
@@ -180,9 +258,19 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     optimizer.init(model.trainable_parameters())
     meta = {"recipe": _flat(recipe), "data_fingerprint": _fingerprint(splits.train), "base_model": base_ref,
             "world_size": world}
-    latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
+    # Everything is checked: now the run directory may be changed.
+    lock = _claim(run, resume, overwrite, echo) if rank == 0 else None
+    try:
+        finished = _finished_run(run, meta, total_steps) if resume else None
+        latest, loop = None, ckpt.LoopState()
+        if finished is None and resume:
+            latest, loop = _resume_from(run, meta, model, optimizer, total_steps, echo)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, loss_fn, optimizer,
-                     total_steps, meta, loop, latest, n_trainable, n_total, planned)
+                     total_steps, meta, loop, latest, n_trainable, n_total, planned, lock, finished)
 
 
 def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
@@ -199,7 +287,8 @@ def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
     try:
         record = preflight(recipe, world)
     except PlanError as e:
-        echo(f"plan: skipped ({e})")
+        first = str(e).splitlines()[0]
+        echo(f"plan: skipped ({first[:150] + '...' if len(first) > 150 else first})")
         return None
     echo(record["verdict"])
     if not record["fits"] and not force:
@@ -208,39 +297,129 @@ def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
     return {k: v for k, v in record.items() if k != "verdict"}
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, primary: bool = True) -> Path:
-    """Check the output dir is free (or resumable), before anything is written."""
-    run = recipe.run_dir
-    if not run.exists() or not any(run.iterdir()):
-        return run
-    if overwrite:
-        if primary:  # with several processes only rank 0 touches the run directory
-            shutil.rmtree(run)
-        return run
-    if resume:
-        return run
+def _entries(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.name not in (MARKER, LOCK)) if run.is_dir() else []
+
+
+def check_run_dir(run: Path, resume: bool, overwrite: bool, locked: bool = False) -> None:
+    """Check that the run may use `run` (nothing is written): a new or empty directory, or one of
+    mlx_ft's own runs that is not in use, to resume or to --overwrite.
+
+    Raises:
+        StorageError: not a directory, not writable, not mlx_ft's, or in use by another run.
+        CheckpointError: an earlier run is there and neither resume nor overwrite was asked for.
+    """
+    if run.exists() and not run.is_dir():
+        raise StorageError(f"output.dir: {run} is a file, not a directory; set output.dir to a directory")
+    check_writable(run, "output.dir", inside=True)
+    if not locked and run.is_dir():
+        check_not_in_use(run)
+    if not _entries(run):
+        return
+    kind = kind_of(run)
+    if kind != "run":
+        what = f"an mlx_ft {kind} export" if kind else "files that mlx_ft did not write (no .mlx_ft marker)"
+        raise StorageError(f"output.dir: {run} holds {what}; mlx_ft trains only into a new or empty "
+                           "directory or one of its own runs, and never deletes what it did not create, "
+                           "--overwrite included. Set another output.dir")
+    if resume or overwrite:
+        return
     state = "a finished run" if (run / "summary.json").exists() else "an unfinished run"
     raise CheckpointError(f"output.dir: {run} already holds {state}; pass --resume to continue it, "
                           "--overwrite to replace it, or set another output.dir")
 
 
-def _resume_from(run: Path, meta: dict, model, optimizer) -> tuple[Path | None, ckpt.LoopState]:
-    """Load the newest complete checkpoint after checking it was made by a compatible recipe."""
-    latest = ckpt.latest(run)
-    if latest is None:
-        return None, ckpt.LoopState()
-    saved = json.loads((latest / ckpt.STATE).read_text())
+def _claim(run: Path, resume: bool, overwrite: bool, echo) -> RunLock:
+    """Take the run directory: create it, lock it, check it again (another run may have written there
+    while this one loaded), clear it for --overwrite and remove leftovers of killed runs."""
+    from .ownership import _describe
+
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(e, run, "Nothing was written.") from None
+    lock = RunLock(run).acquire()
+    try:
+        check_run_dir(run, resume, overwrite, locked=True)
+        if lock.took_over:
+            echo(f"took over {run}'s lock from {_describe(lock.took_over)}, which no longer runs")
+        if overwrite and _entries(run):
+            kept = clear_run_dir(run)
+            if kept:
+                entries = f"{len(kept)} entr{'y' if len(kept) == 1 else 'ies'}"
+                echo(f"--overwrite kept {entries} of {run} that mlx_ft did not write: "
+                     f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")
+        gone = [*clean_leftovers(run), *ckpt.remove_unfinished(run)]
+        for sub in [run / "export", *sorted((run / "export").glob("*/"))]:
+            gone += clean_leftovers(sub)
+        if gone:
+            echo(f"removed {len(gone)} leftover(s) of an interrupted run in {run}: "
+                 + ", ".join(str(g.relative_to(run)) for g in gone[:3]) + (" ..." if len(gone) > 3 else ""))
+        mark(run, "run")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _compare(saved: dict, meta: dict, where: Path, warn: bool = True) -> None:
+    """Refuse to continue `saved` (a checkpoint's or finished run's record) with a recipe, data or
+    base that changed; warn about the harmless changes."""
     refused, allowed = ckpt.mismatches(saved["recipe"], meta["recipe"], HARMLESS_ON_RESUME)
-    if saved.get("data_fingerprint") != meta["data_fingerprint"]:
-        refused.append("data: the training samples differ from the checkpoint's (files changed?)")
+    if saved.get("data_fingerprint") not in (None, meta["data_fingerprint"]):
+        refused.append("data: the training samples differ from the run's (files changed?)")
     if saved.get("world_size", 1) != meta["world_size"]:
         refused.append(f"world size: the checkpoint was written by {saved.get('world_size', 1)} process(es), "
                        f"this run has {meta['world_size']}; resume with the same number (mlx.launch -n N)")
     if refused:
-        raise CheckpointError(f"{latest}: cannot resume with this recipe:\n  " + "\n  ".join(refused)
+        raise CheckpointError(f"{where}: cannot resume with this recipe:\n  " + "\n  ".join(refused)
                               + "\n(use another output.dir, or --overwrite to start again)")
-    for line in allowed:
-        warnings.warn(f"resuming with a changed recipe value: {line}", stacklevel=3)
+    for line in allowed if warn else []:
+        warnings.warn(f"resuming with a changed recipe value: {line}", MlxFtWarning, stacklevel=4)
+
+
+def _finished_run(run: Path, meta: dict, total_steps: int) -> dict | None:
+    """summary.json of a finished run when the recipe asks for no more steps than it trained; None
+    for an unfinished run, or a finished one to continue. A changed recipe, data or base is refused."""
+    path = run / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        resolved = tomllib.loads((run / RESOLVED).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{run}: cannot read the finished run's summary.json or {RESOLVED} ({e}); "
+                              "start again with --overwrite, or set another output.dir") from None
+    saved = {**summary, "recipe": {f"{t}.{k}": v for t, table in resolved.items() for k, v in table.items()}}
+    _compare(saved, meta, run, warn=False)  # a continued run warns when it compares its checkpoint
+    done = summary.get("total_steps") or summary.get("steps") or 0
+    return summary if total_steps <= done else None
+
+
+def _resume_from(run: Path, meta: dict, model, optimizer, total_steps: int,
+                 echo) -> tuple[Path | None, ckpt.LoopState]:
+    """Load the newest complete checkpoint after checking it was made by a compatible recipe."""
+    good, bad = ckpt.scan(run)
+    if (run / "summary.json").is_file() and not good:
+        raise CheckpointError(f"{run}: the recipe asks for {total_steps} steps, more than the finished run "
+                              "trained, but there is no checkpoint to continue from (training.save_every was "
+                              "not set); start again with --overwrite or set another output.dir")
+    if not good and bad:
+        raise CheckpointError(f"{run / 'checkpoints'}: no checkpoint can be resumed from:\n"
+                              + "\n".join(f"  {d.name}: {why}" for d, why in bad.items())
+                              + "\nrestore a good copy, or start again with --overwrite (which deletes them)")
+    if not good:
+        echo(f"no checkpoint in {run} yet: starting from step 0")
+        return None, ckpt.LoopState()
+    for d, why in bad.items():
+        warnings.warn(f"skipping checkpoint {d}: {why}", MlxFtWarning, stacklevel=3)
+    latest = good[max(good)]
+    saved = json.loads((latest / ckpt.STATE).read_text())
+    _compare(saved, meta, latest)
+    if saved["loop"]["step"] > total_steps:
+        raise CheckpointError(f"{latest}: the checkpoint is at step {saved['loop']['step']}, past the "
+                              f"{total_steps} steps the recipe asks for; raise training.steps or "
+                              "training.epochs, or start again with --overwrite")
     loop, _ = ckpt.load(latest, model, optimizer)
     return latest, loop
 

@@ -22,7 +22,7 @@ LAYERS = {
     "data": 2, "models": 2, "losses": 2, "step": 2, "checkpoint": 2, "report": 2, "trackers": 2,
     "objectives": 2,
     # the bottom
-    "recipe": 1, "recipe_reference": 1, "hub": 1, "tiny": 1, "hf_layout": 1, "hfconfig": 1,
+    "recipe": 1, "recipe_reference": 1, "hub": 1, "tiny": 1, "hf_layout": 1, "hfconfig": 1, "ownership": 1,
     "errors": 0, "atomic": 0, "chunking": 0, "cache": 0, "gguf_types": 0,
 }
 # Imports between modules of the same layer, each with its reason; any other is a violation.
@@ -34,6 +34,7 @@ SIDEWAYS = {
     ("tiny", "hf_layout"): "tiny models are written as Hugging Face checkpoints",
     ("tiny", "hfconfig"): "tiny models write their config in transformers 4's or 5's spelling",
     ("recipe_reference", "recipe"): "the reference is generated from the recipe's dataclasses",
+    ("atomic", "errors"): "a write that fails (disk full, read-only) is the user's StorageError",
 }
 
 

@@ -97,16 +97,22 @@ def test_requantized_safetensors_load_in_mlx(root, llama_base):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9  # lossy, but close at 8 bits
 
 
-def test_existing_target_refused_unless_overwrite(root, llama_base):
+def test_existing_target_refused_and_overwrite_replaces_only_an_export_of_the_same_kind(root, llama_base):
     adapter_dir, _ = make_adapter(root, llama_base, seed=4)
     out = root / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists.*--overwrite"):
         fuse(adapter_dir, to="safetensors", out=out)
-    assert (out / "keep.txt").read_text() == "mine"
-    fuse(adapter_dir, to="safetensors", out=out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(ExportError, match=f"{out} holds files mlx_ft did not write .* even with --overwrite"):
+        fuse(adapter_dir, to="safetensors", out=out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    mine = fuse(adapter_dir, to="safetensors", out=root / "mine")
+    with pytest.raises(ExportError, match="is an mlx_ft safetensors export, not peft"):
+        export_adapter(adapter_dir, to="peft", out=mine, overwrite=True)
+    (mine / "model.safetensors").write_bytes(b"stale")
+    fuse(adapter_dir, to="safetensors", out=mine, overwrite=True)  # an export of its own kind: replaced
+    assert (mine / "model.safetensors").stat().st_size > 5 and (mine / ".mlx_ft").is_file()
 
 
 def test_adapter_that_does_not_fit_lists_every_tensor(root, llama_base):

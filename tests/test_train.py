@@ -64,26 +64,27 @@ def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_
     run = tmp_path / "run"
     ckpt_files = {"adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json"}
     assert files_under(run) == (
-        {"recipe.resolved.toml", "metrics.jsonl", "summary.json", "loss.svg"}
+        {"recipe.resolved.toml", "metrics.jsonl", "summary.json", "loss.svg", ".mlx_ft", ".mlx_ft.lock"}
         | {f"adapters/{f}" for f in ADAPTER_FILES} | {f"adapters-best/{f}" for f in ADAPTER_FILES}
         | {f"checkpoints/step-{s:06d}/{f}" for s in (4, 8) for f in ckpt_files}
     )
     assert "trainable parameters: 8,192 of" in result.output
-    assert "done: 12 steps, final loss" in result.output
+    assert "done: 12 steps; train loss " in result.output
     rows = train_rows(run)
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
-    assert [r["step"] for r in evals] == [6, 12]
+    assert [r["step"] for r in evals] == [0, 6, 12]  # step 0: training.eval_at_start
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("final_loss", "best_val_loss", "best_step", "trained_tokens", "wall_time_sec",
-                "tokens_per_sec", "peak_memory_bytes", "trainable_parameters", "data"):
+    for key in ("final_step_loss", "final_window_loss", "initial_val_loss", "best_val_loss", "best_step",
+                "trained_tokens", "wall_time_sec", "tokens_per_sec", "peak_memory_bytes",
+                "trainable_parameters", "data"):
         assert summary[key] is not None, key
     assert summary["steps"] == 12 and summary["trainable_parameters"] == 8192
     assert summary["peak_memory_bytes"] > 0
     svg = ET.parse(run / "loss.svg").getroot()  # one point per train report, one per evaluation
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
-    assert [len(line.get("points").split()) for line in lines] == [6, 2]
+    assert [len(line.get("points").split()) for line in lines] == [6, 3]
     state = json.loads((run / "checkpoints/step-000008/state.json").read_text())
     assert state["loop"]["step"] == 8 and state["recipe"]["adapter.rank"] == 4
 
@@ -495,3 +496,30 @@ def test_run_refuses_a_run_that_will_not_fit_before_loading_anything(tmp_path, c
     # --force goes on to load the model, which is not here offline: the model error, not the plan's
     forced = CliRunner().invoke(main, ["run", str(recipe), "--force"], env={"HF_HUB_OFFLINE": "1"})
     assert forced.exit_code == 2 and "DOES NOT FIT" in forced.output and "--force" not in forced.output.split("DOES NOT FIT")[1][:200]
+
+
+def test_loss_figures_are_named_and_validation_starts_at_step_0(tmp_path, tiny_model_dir, chat_jsonl):
+    path = make_recipe(tmp_path, tiny_model_dir, chat_jsonl, training={"steps": 5, "eval_every": 4})
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "val_loss": rows[0]["val_loss"], "best": False}  # before any update
+    s = json.loads((run / "summary.json").read_text())
+    last = train_rows(run)[-1]
+    assert last["step"] == 5 and s["final_window_steps"] == 1  # reports at 2, 4, then the last step alone
+    assert s["final_step_loss"] == last["last_loss"] == s["final_loss"]
+    assert s["final_window_loss"] == last["loss"]
+    assert s["initial_val_loss"] == rows[0]["val_loss"] > s["final_val_loss"] == rows[-1]["val_loss"]
+    assert s["best_step"] in (4, 5)  # the step-0 pass is never the "best" adapter
+    assert (f"val loss {s['initial_val_loss']:.4f} at step 0 -> {s['final_val_loss']:.4f} at step 5 (best "
+            in result.output)
+    assert (f"train loss {s['final_window_loss']:.4f} (mean of the last 1 step; last step "
+            f"{s['final_step_loss']:.4f})") in result.output
+    # The step-0 pass is the loss of the untrained model: the same as a run whose updates do nothing.
+    still = train(load_recipe(path, {"training.learning_rate": 1e-30, "training.eval_at_start": False,
+                                     "output.dir": str(tmp_path / "still")}), progress=False)
+    assert abs(still.summary["final_val_loss"] - s["initial_val_loss"]) < 1e-6
+    assert still.summary["initial_val_loss"] is None
+    assert [r["step"] for r in map(json.loads, (tmp_path / "still/metrics.jsonl").read_text().splitlines())
+            if "val_loss" in r] == [4, 5]

@@ -6,8 +6,10 @@
     export_adapter(run, to="gguf-lora")  llama.cpp LoRA adapter (`llama-cli --lora`)
     run_exports(recipe, run_dir)     what the recipe's [export] table asks for, into run_dir/export/
 
-Every writer refuses an existing target unless `overwrite`, checks free disk space first and writes
-under a temp name that is renamed when complete.
+Every writer refuses an existing target unless `overwrite`, and even then replaces only an earlier
+export of mlx_ft of the same kind (a directory with its .mlx_ft marker, a GGUF file); it checks
+the place and the free disk space first, writes under a temp name that is renamed when complete
+(with the mode the umask allows), and removes what a killed export to the same target left.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from ..atomic import tmp_prefix
 from ..errors import ExportError
 from ..gguf_types import ALIASES, DIRECT_TYPES, LLAMA_CPP_TYPES
 from ._io import check_target
@@ -90,7 +93,7 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
     if quantize not in (None, 4, 8):
         raise ExportError(f"--quantize {quantize}: expected 4 or 8 (bits)")
 
-    adapter_dir = find_adapter_dir(path)
+    adapter_dir = find_adapter_dir(Path(path).expanduser())
     if to == "lmstudio":
         from .lmstudio import target
 
@@ -98,10 +101,12 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
         out = target(run_name, gguf_type if fmt == "gguf" else None, quantize, lmstudio_dir)
     if out is None:
         out = _default_out(adapter_dir, "safetensors" if to == "safetensors" else f"gguf/model-{gguf_type}.gguf")
-    out = Path(out)
+    out = Path(out).expanduser()
     if fmt == "gguf" and out.suffix != ".gguf":
         out = out / f"model-{gguf_type}.gguf"  # --out names a directory
-    check_target(out, overwrite)
+    check_target(out, overwrite, fmt)
+    if to == "gguf":  # the Modelfile beside it is always rewritten, but only one mlx_ft wrote
+        check_target(out.parent / "Modelfile", True, "modelfile")
     if fmt == "gguf":
         from .gguf_file import check_supported
 
@@ -129,7 +134,8 @@ def _write_fused_gguf(adapted, out: Path, gguf_type: str, overwrite: bool, model
         from .quantize import quantize_gguf
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".f16-", dir=out.parent) as tmp:  # the f16 input
+        # The f16 input, under a temp name of `out` so that a killed export's copy is cleaned next time.
+        with tempfile.TemporaryDirectory(prefix=tmp_prefix(out) + "f16-", dir=out.parent) as tmp:
             f16 = write_model_gguf(adapted.model, adapted.base_dir, Path(tmp) / "model-f16.gguf", "f16", name,
                                    hf_tok, pre)
             quantize_gguf(f16, out, gguf_type)
@@ -186,11 +192,15 @@ def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, wi
     if gguf_pre and not with_base:
         raise ExportError(f"--gguf-pre {gguf_pre} applies with --with-base (the base GGUF carries the tokenizer; "
                           "the adapter GGUF has none)")
-    adapter_dir = find_adapter_dir(path)
-    out = Path(out) if out is not None else _default_out(adapter_dir, "peft" if to == "peft" else "gguf-lora/adapter.gguf")
+    adapter_dir = find_adapter_dir(Path(path).expanduser())
+    out = (Path(out).expanduser() if out is not None
+           else _default_out(adapter_dir, "peft" if to == "peft" else "gguf-lora/adapter.gguf"))
     if to == "gguf-lora" and out.suffix != ".gguf":
         out = out / "adapter.gguf"
-    check_target(out, overwrite)
+    check_target(out, overwrite, "peft" if to == "peft" else "gguf")
+    if with_base:  # written beside the adapter: replaced only when they are mlx_ft's
+        check_target(out.parent / f"base-{with_base}.gguf", True, "gguf")
+        check_target(out.parent / "Modelfile", True, "modelfile")
     import json
 
     ft = json.loads((adapter_dir / "adapter_config.json").read_text()).get("fine_tune_type", "lora")

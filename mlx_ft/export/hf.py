@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 from ..hf_layout import hf_weights
+from ..errors import MlxFtWarning
 from ..hfconfig import normalize, with_architecture
-from ._io import atomic_dir, check_disk
+from ._io import atomic_dir, check_disk, mark
 
 # Files copied unchanged from the base directory: the tokenizer and the generation defaults.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -38,7 +39,8 @@ def _warn_on_renamed_tensors(base_dir: Path, names: set[str]) -> None:
     missing = sorted(base_names - names)
     if missing:
         warnings.warn(f"{len(missing)} tensor name(s) of the base checkpoint are not in the export (e.g. "
-                      f"{', '.join(missing[:3])}); mlx-lm loads the export, transformers may not", stacklevel=3)
+                      f"{', '.join(missing[:3])}); mlx-lm loads the export, transformers may not",
+                      MlxFtWarning, stacklevel=3)
 
 
 def model_bytes(model) -> int:
@@ -89,4 +91,5 @@ def write_hf_dir(model, base_dir: Path, out: Path, dtype: str, quantize: dict | 
         for f in TOKENIZER_FILES:
             if (base_dir / f).is_file():
                 shutil.copyfile(base_dir / f, tmp / f)  # follows hub-cache symlinks
+        mark(tmp, "safetensors")  # so that --overwrite may replace it, and only it
     return out

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ._io import atomic_file, check_target
+from ._io import MODELFILE_HEADER, atomic_file, check_target
 
 ROLES = ("system", "user", "assistant")
 # A system message the chat template refuses (Gemma 2, Mistral v0.1) goes at the start of the first
@@ -200,7 +200,7 @@ def _quoted(text: str) -> str | None:
 def modelfile_text(gguf_name: str, base_dir: Path, add_bos: bool, adapter: str | None = None,
                    tokenizer=None) -> str:
     """The Modelfile for `gguf_name` (a GGUF of the model in `base_dir`)."""
-    lines = ["# Ollama Modelfile written by mlx_ft. Create the model with:",
+    lines = [f"{MODELFILE_HEADER}. Create the model with:",
              "#   ollama create my-model -f Modelfile", f"FROM ./{gguf_name}"]
     if adapter:
         lines.append(f"ADAPTER ./{adapter}")
@@ -225,7 +225,7 @@ def write_modelfile(gguf_path: Path, base_dir: Path, overwrite: bool = False, ad
                     tokenizer=None) -> Path:
     """Write `Modelfile` next to `gguf_path` (the base GGUF when `adapter` names a LoRA GGUF)."""
     out = gguf_path.parent / "Modelfile"
-    check_target(out, overwrite)
+    check_target(out, overwrite, "modelfile")
     text = modelfile_text(gguf_path.name, base_dir, _gguf_add_bos(gguf_path), adapter, tokenizer)
     with atomic_file(out) as tmp:
         tmp.write_text(text)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError
-from ._io import atomic_dir, check_disk
+from ._io import atomic_dir, check_disk, mark
 
 PREFIX = "base_model.model."
 
@@ -82,6 +82,7 @@ def write_peft(adapted, out: Path) -> Path:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (tmp / "README.md").write_text(_readme(config, adapted, sorted(layers)))
+        mark(tmp, "peft")
     return out
 
 
