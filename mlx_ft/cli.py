@@ -233,6 +233,51 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
                    f"finish: {out.finish_reason}", err=True)
 
 
+@main.command("eval")
+@click.argument("run_or_adapter", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Data file or directory to evaluate on [default: the run's validation set].")
+@click.option("--max-samples", type=int, metavar="N", help="Evaluate the first N records only.")
+@click.option("--max-tokens", type=int, metavar="N",
+              help="Tokens generated per answer at most [default: the reference's length + 25% + 16].")
+@click.option("--base", is_flag=True, help="Evaluate the base model alone, without the adapter (eval-base.json); "
+              "with the fine-tune's eval.json on the same data, prints a before/after table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures (eval.json) as JSON.")
+@user_errors
+def eval_cmd(run_or_adapter, data, max_samples, max_tokens, base, as_json):
+    """How good is a fine-tune: loss, perplexity and answers on held-out data.
+
+    Every assistant turn of the data is answered greedily from the conversation before it and
+    scored against the reference: exact match, normalised match (case, punctuation and spacing
+    ignored) and, for JSON references, valid JSON, equal JSON and each field. Figures go to
+    RUN/eval.json, every answer to RUN/eval_samples.jsonl.
+
+    \b
+    Examples:
+      mlxft eval runs/demo
+      mlxft eval runs/demo --base
+      mlxft eval runs/qwen7b-dora --data data/test.jsonl --max-samples 200 --json
+    """
+    import json
+
+    from .evaluate import RESULTS, SAMPLES, BASE_SAMPLES, comparable, evaluate, format_report
+
+    res = evaluate(run_or_adapter, data=data, max_samples=max_samples, max_tokens=max_tokens, base=base,
+                   progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(res.figures, indent=2, ensure_ascii=False))
+        return
+    tuned = res.path.parent / RESULTS
+    after = json.loads(tuned.read_text()) if base and tuned.is_file() else None
+    if after is not None and comparable(after, res.figures):
+        click.echo(format_report(after, base=res.figures))
+    else:
+        click.echo(format_report(res.figures))
+        if base:
+            click.echo(f"(`mlxft eval {run_or_adapter}` with the same options adds the fine-tune for a before/after table)")
+    click.echo(f"wrote {res.path} and {res.path.parent / (BASE_SAMPLES if base else SAMPLES)}")
+
+
 @main.command()
 @click.argument("run_or_adapter_dir", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,

@@ -295,6 +295,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     if primary:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.resolved.toml").write_text(resolved_toml(recipe))
+    trackers = []  # [firsthour] output.report_to (next commit); for the runner
     reporter = Reporter(run, total_steps, loop, callbacks, progress and primary, resumed=p.latest is not None,
                         write=primary)
     reporter.start(recipe, p.n_trainable, p.n_total, splits.stats, p.latest)
@@ -429,6 +430,11 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                               extra={"world_size": world, "global_batch_size": t.batch_size * t.grad_accum,
                                      "plan": p.planned})
     result = TrainResult(run, adapter_dir, summary, step_losses, model, p.tokenizer)
+    if recipe.eval.at_end and primary:  # [firsthour] the [eval] table; for the runner
+        from .evaluate import run_eval_table
+
+        summary["eval"] = run_eval_table(recipe, result, trackers, echo=print if progress else (lambda _: None))
+        (run / "summary.json").write_text(json.dumps(summary, indent=2))
     if recipe.export.to and primary:
         from .export import run_exports
 
