@@ -286,6 +286,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
 
     from . import data, losses, models
     from .report import Reporter
+    from .trackers import close_all, trackers_for
 
     t, d = recipe.training, recipe.data
     p = _prepare(recipe, (t.resume == "auto") if resume is None else resume, overwrite, force,
@@ -295,9 +296,9 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
     if primary:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.resolved.toml").write_text(resolved_toml(recipe))
-    trackers = []  # [firsthour] output.report_to (next commit); for the runner
-    reporter = Reporter(run, total_steps, loop, callbacks, progress and primary, resumed=p.latest is not None,
-                        write=primary)
+    trackers = trackers_for(recipe, run) if primary else []  # [firsthour] output.report_to; for the runner
+    reporter = Reporter(run, total_steps, loop, [*callbacks, *trackers], progress and primary,
+                        resumed=p.latest is not None, write=primary)
     reporter.start(recipe, p.n_trainable, p.n_total, splits.stats, p.latest)
     if world > 1:
         reporter.echo(f"data parallel: {world} processes, global batch {t.batch_size} rows x grad_accum "
@@ -422,6 +423,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
             mx.set_memory_limit(limits[1])
         stop.restore()
         reporter.close()
+        if sys.exc_info()[0] is not None:  # [firsthour] a failed run ends its tracker runs as failed
+            close_all(trackers, failed=True)
 
     adapter_dir = run / "adapters"
     if primary:
@@ -430,16 +433,19 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                               extra={"world_size": world, "global_batch_size": t.batch_size * t.grad_accum,
                                      "plan": p.planned})
     result = TrainResult(run, adapter_dir, summary, step_losses, model, p.tokenizer)
-    if recipe.eval.at_end and primary:  # [firsthour] the [eval] table; for the runner
-        from .evaluate import run_eval_table
+    try:
+        if recipe.eval.at_end and primary:  # [firsthour] the [eval] table; for the runner
+            from .evaluate import run_eval_table
 
-        summary["eval"] = run_eval_table(recipe, result, trackers, echo=print if progress else (lambda _: None))
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    if recipe.export.to and primary:
-        from .export import run_exports
+            summary["eval"] = run_eval_table(recipe, result, trackers, echo=print if progress else (lambda _: None))
+            (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        if recipe.export.to and primary:
+            from .export import run_exports
 
-        summary["exports"] = [str(path) for path in run_exports(recipe, run)]
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
+            summary["exports"] = [str(path) for path in run_exports(recipe, run)]
+            (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    finally:  # [firsthour] trackers end with the run
+        close_all(trackers, failed=sys.exc_info()[0] is not None)
     return result
 
 
