@@ -69,24 +69,39 @@ def main():
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--deep", is_flag=True, help="Also read every data record and render the first ones with the "
+              "model's tokenizer and chat template (loads the tokenizer, not the weights).")
 @user_errors
-def validate(recipes, overrides):
-    """Check recipes and report every problem at once.
+def validate(recipes, overrides, deep):
+    """Check recipes and report every problem at once: keys, types, values, data files.
 
     \b
-    Example:
+    Examples:
       mlxft validate recipes/*.toml
+      mlxft validate recipes/demo.toml --deep
     """
-    from .errors import RecipeError
+    from .data.sources import missing_sources
+    from .errors import DataError, ModelError, RecipeError
     from .recipe import load_recipe
 
     failed = []
     for path in recipes:
         try:
-            load_recipe(path, list(overrides))
-            click.echo(f"{path}: ok")
+            recipe = load_recipe(path, list(overrides))
+            missing = missing_sources(recipe)
+            if missing:
+                raise RecipeError(str(path), missing)
+            note = ""
+            if deep:
+                from .data.dataset import check_records
+                from .data.report import load_tokenizer
+
+                note = " (" + check_records(recipe, load_tokenizer(recipe)) + ")"
+            click.echo(f"{path}: ok{note}")
         except RecipeError as e:
             failed.append(str(e))
+        except (DataError, ModelError) as e:
+            failed.append(f"{path}: {e}")
     if failed:
         click.echo("\n".join(failed), err=True)
         sys.exit(EXIT_USER_ERROR)
@@ -144,14 +159,37 @@ def recipes_cmd(where, reference):
 
         click.echo(markdown(), nl=False)
         return
+    import os
+    import shutil
+    import textwrap
+
     where = where or bundled_recipes_dir()
     files = sorted(where.glob("*.toml")) if where and where.is_dir() else []
     if not files:
         click.echo(f"no recipes found in {where}", err=True)
         sys.exit(EXIT_USER_ERROR)
-    for f in files:
-        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
-        click.echo(f"{str(f):40s} {first}")
+    names = [os.path.relpath(f) for f in files]
+    col = max(map(len, names)) + 2
+    width = max(shutil.get_terminal_size((100, 24)).columns, col + 40)
+    for name, f in zip(names, files):
+        lines = textwrap.wrap(first_sentence(f.read_text()), width - col) or [""]
+        click.echo("\n".join([f"{name:<{col}}{lines[0]}", *(" " * col + ln for ln in lines[1:])]))
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a recipe's opening comment, whole, however many lines it spans."""
+    import re
+
+    para = []
+    for line in text.splitlines():
+        if not line.startswith("#") or not line.lstrip("#").strip():
+            if para:
+                break
+            continue
+        para.append(line.lstrip("#").strip())
+    joined = " ".join(para)
+    m = re.search(r"[.!?](?=\s+[A-Z(`])", joined)
+    return joined[: m.end()] if m else joined
 
 
 def bundled_recipes_dir() -> Path:

@@ -65,6 +65,24 @@ def record_texts(recipe: Recipe) -> list[str]:
             for s in r.strings()]
 
 
+def check_records(recipe: Recipe, tokenizer, first: int = 3) -> str:
+    """`mlxft validate --deep`: read and check every record of every source (train, valid) and
+    render the first `first` of each with the tokenizer's chat template. Returns what was checked.
+
+    Raises:
+        DataError: naming the file:line of the first record that cannot be read or rendered.
+    """
+    cfg = recipe.data
+    sources = [read_source(n, cfg, "train") for n in _sources(cfg)]
+    if cfg.valid is not None:
+        sources.append(read_source(cfg.valid, cfg, "validation"))
+    for src in sources:
+        for r in src.records[:first]:
+            render(r, tokenizer, cfg.train_on)
+    records = sum(len(s.records) for s in sources)
+    return f"{records} records read in {len(sources)} sources, the first {first} of each rendered"
+
+
 def load_datasets(recipe: Recipe, tokenizer) -> Splits:
     """Read, check, render and mix the recipe's data into train (and validation) samples.
 
