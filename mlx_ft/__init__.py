@@ -11,11 +11,16 @@ Notebook use mirrors the CLI (examples/quickstart.ipynb, docs/notebook.md)::
     generate(result, "Review: ...", chat=True)   # mlxft generate
     fuse(result.run_dir, to="gguf")      # mlxft fuse; export_adapter: mlxft export-adapter
 
-Heavy modules (mlx, mlx-lm) load on first use, so `import mlx_ft` is cheap.
+Heavy modules (mlx, mlx-lm) load on first use, so `import mlx_ft` is cheap. On Linux it binds
+MLX's CPU backend to OpenBLAS when installed (or warns once): see mlx_ft/blas.py.
 """
 
 import sys
 import types
+
+from . import blas
+
+blas.STATUS = blas.prefer_openblas()  # before anything imports mlx.core
 
 from .errors import (CheckpointError, DataError, ExportError, MlxFtError, ModelError, PlanError,
                      RecipeError, TrainingError)

@@ -33,26 +33,8 @@ def user_errors(fn):
 
 
 def entry():
-    """The `mlxft` console script: on Linux, re-run under OpenBLAS when it is installed."""
-    _prefer_openblas()
+    """The `mlxft` console script (importing mlx_ft has bound MLX to OpenBLAS on Linux: blas.py)."""
     main(prog_name="mlxft")
-
-
-def _prefer_openblas() -> None:
-    """MLX's Linux CPU build calls the reference BLAS, ~30x slower at matmul than OpenBLAS.
-    When Debian/Ubuntu's libopenblas0-pthread is present we re-execute this command with it
-    preloaded (training ~12x faster, same losses). MLX_FT_OPENBLAS=0 turns this off."""
-    import glob
-    import os
-
-    if sys.platform != "linux" or os.environ.get("MLX_FT_OPENBLAS") == "0":
-        return
-    libs = sorted(glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"))
-    preload = os.environ.get("LD_PRELOAD", "")
-    if not libs or "openblas" in preload:
-        return
-    env = {**os.environ, "LD_PRELOAD": f"{libs[0]} {preload}".strip(), "MLX_FT_OPENBLAS": "0"}
-    os.execve(sys.executable, [sys.executable, "-m", "mlx_ft", *sys.argv[1:]], env)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
