@@ -65,12 +65,13 @@ def validate(recipes, overrides, deep):
     from .data.sources import missing_sources
     from .errors import DataError, ModelError, RecipeError
     from .recipe import load_recipe
+    from .trackers import missing_trackers
 
     failed = []
     for path in recipes:
         try:
             recipe = load_recipe(path, list(overrides))
-            missing = missing_sources(recipe)
+            missing = missing_sources(recipe) + missing_trackers(recipe)
             if missing:
                 raise RecipeError(str(path), missing)
             note = ""

@@ -22,6 +22,7 @@ Every tracker has the hooks of `mlx_ft.train.Callback` plus `start(recipe, run_d
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import time
@@ -33,13 +34,23 @@ from .errors import MlxFtError
 PROJECT = "mlx_ft"  # W&B project, MLflow experiment and trackio project unless the environment names one
 
 
+def _missing(extra: str) -> str:
+    return (f"output.report_to: {extra!r} needs its library, which is not installed; "
+            f"pip install -e \".[{extra}]\" (or pip install {extra})")
+
+
 def _require(module: str, extra: str):
     """Import a tracker's library, or say which extra installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MlxFtError(f"output.report_to: {extra!r} needs its library, which is not installed; "
-                         f"pip install -e \".[{extra}]\" (or pip install {extra})") from None
+        raise MlxFtError(_missing(extra)) from None
+
+
+def missing_trackers(recipe) -> list[str]:
+    """A problem for each tracker of `output.report_to` whose library is not installed (no import:
+    what `mlxft validate` reports before a run would find out after loading the model)."""
+    return [_missing(name) for name in recipe.output.report_to if importlib.util.find_spec(name) is None]
 
 
 def scalars(row: dict, prefix: str) -> dict[str, float]:
