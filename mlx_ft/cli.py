@@ -233,8 +233,7 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
 
     \b
     Examples:
-      mlxft generate runs/demo --system "Classify the review. Reply with JSON only." \\
-          --prompt "Review: The soup was cold."
+      mlxft generate runs/demo --chat --prompt "Review: The soup was awful."
       mlxft generate --model Qwen/Qwen2.5-7B-Instruct --adapter runs/qwen7b-dora --chat --prompt "Hi"
     """
     from .errors import ModelError

@@ -1,7 +1,6 @@
 """Quick check of a fine-tune: load base + adapter, apply the chat template, stream the answer.
 
-    mlxft generate runs/demo --chat --system "Classify the review. Reply with JSON only." \
-        --prompt "Review: The soup was cold."
+    mlxft generate runs/demo --chat --prompt "Review: The soup was awful."
 
 The same from Python: `generate("runs/demo", "Review: ...", chat=True, system=...)`, or
 `generate(result, ...)` with the `TrainResult` of `train()`, which reuses its model in memory.
