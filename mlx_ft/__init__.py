@@ -17,8 +17,14 @@ MLX's CPU backend to OpenBLAS when installed (or warns once): see mlx_ft/blas.py
 
 import sys
 import types
+import warnings
 
 from . import blas
+
+# mlx-lm imports huggingface_hub, which imports tqdm.auto: in a Jupyter kernel without ipywidgets
+# that warns "IProgress not found" with a site-packages path, into every notebook. mlx_ft's own
+# progress bar is plain text there (pip install ".[notebook]" gives the widget), so say nothing.
+warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
 blas.STATUS = blas.prefer_openblas()  # before anything imports mlx.core
 
