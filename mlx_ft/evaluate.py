@@ -318,7 +318,7 @@ def metrics(figures: dict, prefix: str = "eval/") -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # Reports
 
-_ROWS = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
+_ROWS = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.4g}"),
          ("exact_match", "exact match", "{:.1%}"), ("normalized_match", "normalised match", "{:.1%}"),
          ("json_valid", "valid JSON", "{:.1%}"), ("json_match", "equal JSON", "{:.1%}"),
          ("field_accuracy", "JSON fields right", "{:.1%}")]
@@ -338,6 +338,8 @@ def format_report(figures: dict, base: dict | None = None) -> str:
     """The text `mlxft eval` prints; with `base`, a before/after table (base | fine-tuned)."""
     c = figures.get("counts", {})
     who = figures["adapter"] or f"{figures['model']} (base model, no adapter)"
+    if base is not None:
+        who += ", and its base model without it"
     head = [f"eval of {who}", f"  on {figures['data']}: {figures['records']} records, "
             f"{figures['supervised_tokens']:,} supervised tokens, {figures['turns']} assistant turns answered "
             f"greedily ({figures['seconds']} s)"]
@@ -348,8 +350,8 @@ def format_report(figures: dict, base: dict | None = None) -> str:
                         + (f", {c['json_valid']} of {c['json_turns']} valid JSON" if c.get("json_turns") else "")
                         + ")")
         return "\n".join(head + body)
-    rows = [f"  {'':<18} {'base':>8} {'fine-tuned':>11}"]
-    rows += [f"  {label:<18} {_fmt(base, key, spec):>8} {_fmt(figures, key, spec):>11}"
+    rows = [f"  {'':<18} {'base':>10} {'fine-tuned':>11}"]
+    rows += [f"  {label:<18} {_fmt(base, key, spec):>10} {_fmt(figures, key, spec):>11}"
              for key, label, spec in _rows(figures)]
     return "\n".join(head + rows)
 
