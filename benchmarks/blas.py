@@ -23,7 +23,8 @@ CODE = {
     "import mlx_ft": "import mlx_ft, mlx_ft.blas as b",
     "LD_PRELOAD": "import mlx_ft, mlx_ft.blas as b",
     "reference BLAS": "import mlx_ft, mlx_ft.blas as b",
-    "mlx first": "import warnings; warnings.simplefilter('ignore'); import mlx.core, mlx_ft, mlx_ft.blas as b",
+    "mlx first": ("import warnings; warnings.simplefilter('ignore'); "
+                  "import mlx.core, mlx_ft, mlx_ft.blas as b"),
 }
 
 
@@ -51,9 +52,11 @@ def main() -> None:
             runs[way].append(measure(way, args.n))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
-    print(f"{cpu}, {os.cpu_count()} cores; float32 {args.n} x {args.n} matmul, median of {args.rounds} processes")
+    print(f"{cpu}, {os.cpu_count()} cores; float32 {args.n} x {args.n} matmul, "
+          f"median of {args.rounds} processes")
     for way, values in runs.items():
-        print(f"  {way:<16} {statistics.median(values):8.1f} GFLOP/s   (runs: {', '.join(f'{v:.1f}' for v in values)})")
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        print(f"  {way:<16} {statistics.median(values):8.1f} GFLOP/s   (runs: {runs})")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cpu() -> str:
     try:
-        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores"
@@ -63,7 +64,8 @@ def main() -> None:
             r = run(seed, args.sets, (args.keep or Path(tmp)).resolve() / f"demo-seed{seed}")
             rows.append(r)
             f = r["fields"]
-            print(f"{seed:>4} {r['wall_sec']:>6.0f}s {r['train_sec']:>6.0f}s {r['steps']:>5} {r['best_val_loss']:>9.4f} "
+            print(f"{seed:>4} {r['wall_sec']:>6.0f}s {r['train_sec']:>6.0f}s {r['steps']:>5} "
+                  f"{r['best_val_loss']:>9.4f} "
                   f"{r['eval_loss']:>9.4f} {r['exact']:>4}/{r['turns']} {r['exact_match']:>5.1%} "
                   f"{f.get('sentiment', 0):>9.1%} {f.get('topic', 0):>6.1%}", flush=True)
     ex = [r["exact_match"] for r in rows]

@@ -260,7 +260,8 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
 @click.option("--max-samples", type=int, metavar="N", help="Evaluate the first N records only.")
 @click.option("--max-tokens", type=int, metavar="N",
               help="Tokens generated per answer at most [default: the reference's length + 25% + 16].")
-@click.option("--base", is_flag=True, help="Evaluate the base model alone, without the adapter (eval-base.json); "
+@click.option("--base", is_flag=True,
+              help="Evaluate the base model alone, without the adapter (eval-base.json); "
               "with the fine-tune's eval.json on the same data, prints a before/after table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures (eval.json) as JSON.")
 @user_errors
@@ -294,7 +295,8 @@ def eval_cmd(run_or_adapter, data, max_samples, max_tokens, base, as_json):
     else:
         click.echo(format_report(res.figures))
         if base:
-            click.echo(f"(`mlxft eval {run_or_adapter}` with the same options adds the fine-tune for a before/after table)")
+            click.echo(f"(`mlxft eval {run_or_adapter}` with the same options adds the fine-tune "
+                       "for a before/after table)")
     click.echo(f"wrote {res.path} and {res.path.parent / (BASE_SAMPLES if base else SAMPLES)}")
 
 

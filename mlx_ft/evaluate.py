@@ -111,8 +111,10 @@ def summarize(samples: list[dict]) -> dict:
               "json_turns": len(js), "json_valid": sum(s["json_valid"] for s in js),
               "json_match": sum(s["json_match"] for s in js), "fields": fields}
     matched, total = sum(v[0] for v in fields.values()), sum(v[1] for v in fields.values())
-    return {"turns": n, "exact_match": rate(counts["exact"], n), "normalized_match": rate(counts["normalized"], n),
-            "json_valid": rate(counts["json_valid"], len(js)), "json_match": rate(counts["json_match"], len(js)),
+    return {"turns": n, "exact_match": rate(counts["exact"], n),
+            "normalized_match": rate(counts["normalized"], n),
+            "json_valid": rate(counts["json_valid"], len(js)),
+            "json_match": rate(counts["json_match"], len(js)),
             "field_accuracy": rate(matched, total),
             "fields": {k: rate(a, b) for k, (a, b) in sorted(fields.items())}, "counts": counts}
 
@@ -153,7 +155,8 @@ def _target(run, base: bool) -> _Target:
     if base:
         q = config.get("quantize")
         if not config.get("base_model"):
-            raise ModelError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model recorded, so --base has nothing to load")
+            raise ModelError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model recorded, so --base has "
+                             "nothing to load")
         model, tokenizer, _ = load_base(ModelConfig(path=config["base_model"],
                                                     quantize=QuantizeConfig(**q) if q else None))
     elif in_memory:
@@ -186,7 +189,7 @@ def _records(target: _Target, data: str | Path | None):
     if source is not None and not source.startswith("hf://") and not Path(source.split("?")[0]).exists():
         raise DataError(f"{where}: data.valid = {source!r} does not exist relative to {Path.cwd()}; run "
                         "`mlxft eval` from the directory `mlxft run` ran in, or pass --data FILE")
-    label = source if source is not None else f"data.valid_fraction = {recipe.data.valid_fraction} of data.train"
+    label = source or f"data.valid_fraction = {recipe.data.valid_fraction} of data.train"
     return label, valid_records(recipe), cfg
 
 
@@ -210,8 +213,8 @@ def loss_on(model, tokenizer, records, cfg, batch_size: int = 4, chunk_size: int
     total, count = mx.array(0.0), mx.array(0.0)
     for plan in epoch_batches(samples, batch_size, cfg.max_seq_len, False, 0, 0, False):
         batch = collate(samples, plan, cfg.max_seq_len, False)
-        s, n = losses.loss_sum(model, mx.array(batch.tokens), mx.array(batch.mask), None, chunk_size=chunk_size,
-                               exact_head=exact_head, grad=False)
+        s, n = losses.loss_sum(model, mx.array(batch.tokens), mx.array(batch.mask), None,
+                               chunk_size=chunk_size, exact_head=exact_head, grad=False)
         total, count = total + s, count + n
     mx.eval(total, count)
     return total.item(), int(count.item())
@@ -222,7 +225,8 @@ def default_max_tokens(reference_tokens: int) -> int:
     return reference_tokens + reference_tokens // 4 + 16
 
 
-def answer_turns(model, tokenizer, records, max_tokens: int | None = None, progress: bool = False) -> list[dict]:
+def answer_turns(model, tokenizer, records, max_tokens: int | None = None,
+                 progress: bool = False) -> list[dict]:
     """Answer every assistant turn of chat-like records greedily and score it; one dict per turn."""
     from tqdm.auto import tqdm
 
@@ -240,8 +244,9 @@ def answer_turns(model, tokenizer, records, max_tokens: int | None = None, progr
         budget = max_tokens or default_max_tokens(len(tokenizer.encode(reference, add_special_tokens=False)))
         gen = complete(model, tokenizer, ids, prompt, max_tokens=budget)
         user = next((m.get("content") for m in reversed(rec.messages[:i]) if m["role"] == "user"), None)
-        out.append({"record": rec.where, "turn": i, "prompt": user, "reference": reference, "answer": gen.text,
-                    **score(reference, gen.text), "tokens": gen.generation_tokens, "finish": gen.finish_reason})
+        out.append({"record": rec.where, "turn": i, "prompt": user, "reference": reference,
+                    "answer": gen.text, **score(reference, gen.text), "tokens": gen.generation_tokens,
+                    "finish": gen.finish_reason})
     return out
 
 
@@ -273,7 +278,8 @@ def evaluate(run, data: str | Path | None = None, max_samples: int | None = None
         records = records[:max_samples]
     t = target.recipe.training if target.recipe is not None else None
     loss_total, n_tok = loss_on(target.model, target.tokenizer, records, cfg,
-                                batch_size=t.batch_size if t else 4, chunk_size=t.loss_chunk_size if t else 512)
+                                batch_size=t.batch_size if t else 4,
+                                chunk_size=t.loss_chunk_size if t else 512)
     samples = answer_turns(target.model, target.tokenizer, records, max_tokens, progress)
     loss = loss_total / n_tok if n_tok else None
     figures = {
@@ -341,14 +347,13 @@ def format_report(figures: dict, base: dict | None = None) -> str:
     if base is not None:
         who += ", and its base model without it"
     head = [f"eval of {who}", f"  on {figures['data']}: {figures['records']} records, "
-            f"{figures['supervised_tokens']:,} supervised tokens, {figures['turns']} assistant turns answered "
-            f"greedily ({figures['seconds']} s)"]
+            f"{figures['supervised_tokens']:,} supervised tokens, {figures['turns']} assistant turns "
+            f"answered greedily ({figures['seconds']} s)"]
     if base is None:
         body = [f"  {label:<18} {_fmt(figures, key, spec):>8}" for key, label, spec in _rows(figures)]
         if figures["turns"]:
-            body.append(f"  ({c['exact']} of {figures['turns']} answers exact"
-                        + (f", {c['json_valid']} of {c['json_turns']} valid JSON" if c.get("json_turns") else "")
-                        + ")")
+            js = f", {c['json_valid']} of {c['json_turns']} valid JSON" if c.get("json_turns") else ""
+            body.append(f"  ({c['exact']} of {figures['turns']} answers exact{js})")
         return "\n".join(head + body)
     rows = [f"  {'':<18} {'base':>10} {'fine-tuned':>11}"]
     rows += [f"  {label:<18} {_fmt(base, key, spec):>10} {_fmt(figures, key, spec):>11}"

@@ -104,8 +104,9 @@ def generate(model, prompt: str, adapter: str | Path | None = None, chat: bool =
     return complete(model, tokenizer, ids, text_prompt, max_tokens, temp, top_p, seed, on_text)
 
 
-def complete(model, tokenizer, ids: list[int], text_prompt: str = "", max_tokens: int = 256, temp: float = 0.0,
-             top_p: float = 0.0, seed: int = 0, on_text: Callable[[str], None] | None = None) -> Generation:
+def complete(model, tokenizer, ids: list[int], text_prompt: str = "", max_tokens: int = 256,
+             temp: float = 0.0, top_p: float = 0.0, seed: int = 0,
+             on_text: Callable[[str], None] | None = None) -> Generation:
     """Continue the token ids `ids` (the prompt already templated and encoded): what `generate`
     and `mlxft eval` decode with. Stops at the tokenizer's end-of-sequence tokens."""
     import mlx.core as mx

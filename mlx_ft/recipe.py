@@ -566,10 +566,12 @@ def _check(r: Recipe) -> list[str]:
     need(len(set(r.output.report_to)) == len(r.output.report_to),
          f"output.report_to: a tracker is named twice in {r.output.report_to}")
     e = r.eval
-    need(e.max_samples is None or e.max_samples >= 1, f"eval.max_samples: must be >= 1, found {e.max_samples}")
+    need(e.max_samples is None or e.max_samples >= 1,
+         f"eval.max_samples: must be >= 1, found {e.max_samples}")
     need(e.max_tokens is None or e.max_tokens >= 1, f"eval.max_tokens: must be >= 1, found {e.max_tokens}")
     if e.at_end and e.data is None and not has_valid:
-        p.append("eval.at_end: there is nothing to evaluate on; set eval.data, data.valid or data.valid_fraction")
+        p.append("eval.at_end: there is nothing to evaluate on; set eval.data, data.valid or "
+                 "data.valid_fraction")
     return p
 
 

@@ -164,7 +164,8 @@ class TensorBoardTracker(Tracker):
     def end(self, summary: dict) -> None:
         super().end(summary)
         # Markdown: a fenced block keeps the JSON's layout.
-        self._text("summary", "```\n" + json.dumps(summary, indent=2) + "\n```", summary.get("steps", self.step))
+        text = "```\n" + json.dumps(summary, indent=2) + "\n```"
+        self._text("summary", text, summary.get("steps", self.step))
 
     def finish(self, failed: bool) -> None:
         self.writer.close()

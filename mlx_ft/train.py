@@ -437,7 +437,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         if recipe.eval.at_end and primary:  # [firsthour] the [eval] table; for the runner
             from .evaluate import run_eval_table
 
-            summary["eval"] = run_eval_table(recipe, result, trackers, echo=print if progress else (lambda _: None))
+            echo = print if progress else (lambda _: None)
+            summary["eval"] = run_eval_table(recipe, result, trackers, echo=echo)
             (run / "summary.json").write_text(json.dumps(summary, indent=2))
         if recipe.export.to and primary:
             from .export import run_exports

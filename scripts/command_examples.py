@@ -31,8 +31,8 @@ SECTIONS = [
     ("Overview", "", ["mlxft --help"]),
     ("Recipes", "The shipped recipes, and the reference of every key (docs/recipes.md is this output).",
      ["mlxft recipes", "mlxft recipes --reference | head -n 24"]),
-    ("Validate", "Every problem at once, with its key path and where the value came from; data files must exist "
-                 "(the real-model recipes name data/*.jsonl, which a clone does not have).",
+    ("Validate", "Every problem at once, with its key path and where the value came from; data files must "
+                 "exist (the real-model recipes name data/*.jsonl, which a clone does not have).",
      ["mlxft validate recipes/demo.toml recipes/qwen32b-qlora.toml",
       "mlxft validate recipes/demo.toml --set training.lerning_rate=1e-4 --set adapter.rank=0"]),
     ("Machines", "The profiles `--machine` accepts.", ["mlxft machines"]),

@@ -18,11 +18,13 @@ def run(code_or_args, **env_changes) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLX_FT_OPENBLAS")}
     env.update(env_changes)
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
-    return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          check=True)
 
 
 def plain(**env) -> tuple[str, float]:
-    out = run("import mlx_ft, mlx_ft.blas as b; print(b.STATUS, b.matmul_gflops(512, 0.3))", **env).stdout.split()
+    code = "import mlx_ft, mlx_ft.blas as b; print(b.STATUS, b.matmul_gflops(512, 0.3))"
+    out = run(code, **env).stdout.split()
     return out[0], float(out[1])
 
 
@@ -59,6 +61,7 @@ def test_too_late_or_missing_is_one_warning_with_the_fix():
         assert res.stderr.count("BlasWarning") == 1  # the second call is silenced as a repeat
         assert f"Import mlx_ft before mlx" in res.stderr and f"LD_PRELOAD={openblas_path()}" in res.stderr
     res = run("import os; os.environ['MLX_FT_OPENBLAS'] = '0'; import mlx_ft.blas as b; "
-              "del os.environ['MLX_FT_OPENBLAS']; b.PATTERN = '/nowhere/libblas.so.3'; print(b.prefer_openblas())")
+              "del os.environ['MLX_FT_OPENBLAS']; b.PATTERN = '/nowhere/libblas.so.3'; "
+              "print(b.prefer_openblas())")
     assert res.stdout.split() == ["missing"]
     assert res.stderr.count("BlasWarning") == 1 and "sudo apt-get install libopenblas0-pthread" in res.stderr

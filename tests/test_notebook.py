@@ -26,7 +26,8 @@ def test_quickstart_notebook_runs(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    params[0].source = ('OVERRIDES = {"output.dir": "runs/quickstart", "training.epochs": 1, "eval.max_samples": 8}\n'
+    params[0].source = ('OVERRIDES = {"output.dir": "runs/quickstart", "training.epochs": 1,\n'
+                        '             "eval.max_samples": 8}\n'
                         "EVAL_SAMPLES = 8")
     # The notebook's relative paths resolve in a scratch root, so runs/ is written there.
     for name in ("recipes", "examples"):

@@ -23,7 +23,8 @@ def test_every_shipped_recipe_validates():
     assert recipes, "recipes/ is empty"
     # The real-model recipes name data/train.jsonl, which a clone does not have: point them at the demo's.
     demo = ROOT / "examples" / "data"
-    result = CliRunner().invoke(main, ["validate", *map(str, recipes), "--set", f"data.train={demo / 'train.jsonl'}",
+    result = CliRunner().invoke(main, ["validate", *map(str, recipes),
+                                       "--set", f"data.train={demo / 'train.jsonl'}",
                                        "--set", f"data.valid={demo / 'valid.jsonl'}"])
     assert result.exit_code == 0, result.output
     assert result.output.count(": ok") == len(recipes)

@@ -16,11 +16,12 @@ from mlx_ft.cli import main
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("trackers")
-    env = {"TRACKIO_DIR": str(tmp / "trackio"), "NETRC": str(tmp / "netrc"), "WANDB_CONFIG_DIR": str(tmp / "wb"),
-           "WANDB_CACHE_DIR": str(tmp / "wb"), "WANDB_DATA_DIR": str(tmp / "wb"), "WANDB_SILENT": "true"}
+    wb = str(tmp / "wb")
+    env = {"TRACKIO_DIR": str(tmp / "trackio"), "NETRC": str(tmp / "netrc"), "WANDB_SILENT": "true",
+           "WANDB_CONFIG_DIR": wb, "WANDB_CACHE_DIR": wb, "WANDB_DATA_DIR": wb}
+    answers = [json.dumps({"colour": ["red", "blue"][i % 2]}) for i in range(12)]
     records = [{"messages": [{"role": "user", "content": f"Colour of item {i}?"},
-                             {"role": "assistant", "content": json.dumps({"colour": ["red", "blue"][i % 2]})}]}
-               for i in range(12)]
+                             {"role": "assistant", "content": a}]} for i, a in enumerate(answers)]
     data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     recipe = recipe_from_dict({
@@ -30,7 +31,8 @@ def run(tmp_path_factory, tiny_model_dir):
         "output": {"dir": str(tmp / "run"), "report_to": ["tensorboard", "wandb", "mlflow", "trackio"]},
         "eval": {"at_end": True, "max_samples": 3, "max_tokens": 8}})
     with pytest.MonkeyPatch.context() as mp:
-        for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "MLFLOW_TRACKING_URI",
+                  "MLFLOW_EXPERIMENT_NAME"):
             mp.delenv(k, raising=False)
         for k, v in env.items():
             mp.setenv(k, v)
@@ -109,7 +111,8 @@ def test_wandb_offline_run_files(run):
         elif kind == "run":
             config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
         elif kind == "summary":
-            summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.summary.update})
+            summary.update({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                            for i in rec.summary.update})
     check(series, expected(*run))
     assert config["training"]["learning_rate"] == 5e-3 and config["output"]["report_to"][0] == "tensorboard"
     assert summary["final_loss"] == result.summary["final_loss"] and summary["steps"] == 6
@@ -136,7 +139,8 @@ def test_trackio_local_store(run):
     from trackio.sqlite_storage import SQLiteStorage
 
     result, *_ = run
-    assert SQLiteStorage.get_project_db_path("mlx_ft").parent == result.run_dir.parent / "trackio"  # TRACKIO_DIR
+    # the store TRACKIO_DIR names
+    assert SQLiteStorage.get_project_db_path("mlx_ft").parent == result.run_dir.parent / "trackio"
     logs = SQLiteStorage.get_logs("mlx_ft", "run")
     series = {}
     for row in logs:
@@ -153,9 +157,10 @@ def test_a_missing_tracker_library_names_its_extra(tmp_path, tiny_model_dir, cha
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed: importing it raises ImportError
     train_file, valid_file = chat_jsonl
     rec = tmp_path / "r.toml"
-    rec.write_text(f'[model]\npath = "{tiny_model_dir}"\n[data]\ntrain = "{train_file}"\n[training]\nsteps = 1\n'
-                   f'[output]\ndir = "{tmp_path / "run"}"\nreport_to = ["mlflow"]\n')
-    message = "output.report_to: 'mlflow' needs its library, which is not installed; pip install -e \".[mlflow]\""
+    rec.write_text(f'[model]\npath = "{tiny_model_dir}"\n[data]\ntrain = "{train_file}"\n'
+                   f'[training]\nsteps = 1\n[output]\ndir = "{tmp_path / "run"}"\nreport_to = ["mlflow"]\n')
+    message = ("output.report_to: 'mlflow' needs its library, which is not installed; "
+               'pip install -e ".[mlflow]"')
     for cmd in ("validate", "run"):  # validate says so before a run would load the model
         result = CliRunner().invoke(main, [cmd, str(rec)])
         assert result.exit_code == 2, result.output

@@ -160,7 +160,8 @@ def _carve_valid(sources: list[Source], cfg: DataConfig, seed: int) -> list[Reco
         out += [r for i, r in enumerate(src.records) if i in held]
         src.records = [r for i, r in enumerate(src.records) if i not in held]
     if not out:
-        raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {sum(len(s.records) for s in sources)} "
+        total = sum(len(s.records) for s in sources)
+        raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {total} "
                         "records rounds to 0 validation records; raise it or give data.valid")
     return out
 

@@ -199,6 +199,6 @@ def missing_sources(recipe) -> list[str]:
     for key, source in keyed:
         path = parse_source(source)[0] if "?" in source else source
         if not source.startswith("hf://") and not Path(path).expanduser().exists():
-            out.append(f"{key}: {source} does not exist (recipe paths are relative to the directory mlxft runs "
-                       f"in); fix the path or give another with --set {key.split('[')[0]}=PATH")
+            out.append(f"{key}: {source} does not exist (recipe paths are relative to the directory mlxft "
+                       f"runs in); fix the path or give another with --set {key.split('[')[0]}=PATH")
     return out
