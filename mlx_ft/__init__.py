@@ -2,19 +2,31 @@
 
 Notebook use mirrors the CLI (examples/quickstart.ipynb, docs/notebook.md)::
 
-    from mlx_ft import load_recipe, plan, inspect_data, train, generate, fuse
+    from mlx_ft import load_recipe, plan, inspect_data, train, evaluate, generate, fuse
     recipe = load_recipe("recipes/demo.toml", overrides={"training.epochs": 1})
     plan(recipe, machine="m4-max-128")   # mlxft plan
     inspect_data(recipe)                 # mlxft data inspect
     result = train(recipe)               # mlxft run; TrainResult: run_dir, adapter_dir, summary, model, tokenizer
+    evaluate(result)                     # mlxft eval; EvalResult: figures (eval.json), samples
     generate(result, "Review: ...", chat=True)   # mlxft generate
     fuse(result.run_dir, to="gguf")      # mlxft fuse; export_adapter: mlxft export-adapter
 
-Heavy modules (mlx, mlx-lm) load on first use, so `import mlx_ft` is cheap.
+Heavy modules (mlx, mlx-lm) load on first use, so `import mlx_ft` is cheap. On Linux it binds
+MLX's CPU backend to OpenBLAS when installed (or warns once): see mlx_ft/blas.py.
 """
 
 import sys
 import types
+import warnings
+
+from . import blas
+
+# mlx-lm imports huggingface_hub, which imports tqdm.auto: in a Jupyter kernel without ipywidgets
+# that warns "IProgress not found" with a site-packages path, into every notebook. mlx_ft's own
+# progress bar is plain text there (pip install ".[notebook]" gives the widget), so say nothing.
+warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
+
+blas.STATUS = blas.prefer_openblas()  # before anything imports mlx.core
 
 from .errors import (CheckpointError, DataError, ExportError, MlxFtError, ModelError, PlanError,
                      RecipeError, StorageError, TrainingError)
@@ -33,6 +45,8 @@ _LAZY = {
     "fuse": ("export", "fuse"),
     "export_adapter": ("export", "export_adapter"),
     "generate": ("generate", "generate"),
+    "evaluate": ("evaluate", "evaluate"),
+    "EvalResult": ("evaluate", "EvalResult"),
 }
 
 

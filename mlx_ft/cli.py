@@ -59,26 +59,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def entry():
-    """The `mlxft` console script: on Linux, re-run under OpenBLAS when it is installed."""
-    _prefer_openblas()
+    """The `mlxft` console script (importing mlx_ft has bound MLX to OpenBLAS on Linux: blas.py)."""
     main(prog_name="mlxft")
-
-
-def _prefer_openblas() -> None:
-    """MLX's Linux CPU build calls the reference BLAS, ~30x slower at matmul than OpenBLAS.
-    When Debian/Ubuntu's libopenblas0-pthread is present we re-execute this command with it
-    preloaded (training ~12x faster, same losses). MLX_FT_OPENBLAS=0 turns this off."""
-    import glob
-    import os
-
-    if sys.platform != "linux" or os.environ.get("MLX_FT_OPENBLAS") == "0":
-        return
-    libs = sorted(glob.glob("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3"))
-    preload = os.environ.get("LD_PRELOAD", "")
-    if not libs or "openblas" in preload:
-        return
-    env = {**os.environ, "LD_PRELOAD": f"{libs[0]} {preload}".strip(), "MLX_FT_OPENBLAS": "0"}
-    os.execve(sys.executable, [sys.executable, "-m", "mlx_ft", *sys.argv[1:]], env)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,24 +77,39 @@ def main():
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--deep", is_flag=True, help="Also read every data record and render the first ones with the "
+              "model's tokenizer and chat template (loads the tokenizer, not the weights).")
 @user_errors
-def validate(recipes, overrides):
-    """Check recipes and report every problem at once.
+def validate(recipes, overrides, deep):
+    """Check recipes and report every problem at once: keys, types, values, data files.
 
     \b
-    Example:
+    Examples:
       mlxft validate recipes/*.toml
+      mlxft validate recipes/demo.toml --deep
     """
-    from .errors import RecipeError
+    from .data.sources import missing_sources
+    from .errors import DataError, ModelError, RecipeError
     from .recipe import load_recipe
+    from .trackers import missing_trackers
 
     failed = []
     for path in recipes:
         try:
-            load_recipe(path, list(overrides))
-            click.echo(f"{path}: ok")
+            recipe = load_recipe(path, list(overrides))
+            missing = missing_sources(recipe) + missing_trackers(recipe)
+            if missing:
+                raise RecipeError(str(path), missing)
+            note = ""
+            if deep:
+                from .data.dataset import check_records, recipe_tokenizer
+
+                note = " (" + check_records(recipe, recipe_tokenizer(recipe)) + ")"
+            click.echo(f"{path}: ok{note}")
         except RecipeError as e:
             failed.append(str(e))
+        except (DataError, ModelError) as e:
+            failed.append(f"{path}: {e}")
     if failed:
         click.echo("\n".join(failed), err=True)
         sys.exit(EXIT_USER_ERROR)
@@ -172,14 +169,37 @@ def recipes_cmd(where, reference):
 
         click.echo(markdown(), nl=False)
         return
+    import os
+    import shutil
+    import textwrap
+
     where = where or bundled_recipes_dir()
     files = sorted(where.glob("*.toml")) if where and where.is_dir() else []
     if not files:
         click.echo(f"no recipes found in {where}", err=True)
         sys.exit(EXIT_USER_ERROR)
-    for f in files:
-        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
-        click.echo(f"{str(f):40s} {first}")
+    names = [os.path.relpath(f) for f in files]
+    col = max(map(len, names)) + 2
+    width = max(shutil.get_terminal_size((100, 24)).columns, col + 40)
+    for name, f in zip(names, files):
+        lines = textwrap.wrap(first_sentence(f.read_text()), width - col) or [""]
+        click.echo("\n".join([f"{name:<{col}}{lines[0]}", *(" " * col + ln for ln in lines[1:])]))
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a recipe's opening comment, whole, however many lines it spans."""
+    import re
+
+    para = []
+    for line in text.splitlines():
+        if not line.startswith("#") or not line.lstrip("#").strip():
+            if para:
+                break
+            continue
+        para.append(line.lstrip("#").strip())
+    joined = " ".join(para)
+    m = re.search(r"[.!?](?=\s+[A-Z(`])", joined)
+    return joined[: m.end()] if m else joined
 
 
 def bundled_recipes_dir() -> Path:
@@ -240,8 +260,7 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
 
     \b
     Examples:
-      mlxft generate runs/demo --system "Classify the review. Reply with JSON only." \\
-          --prompt "Review: The soup was cold."
+      mlxft generate runs/demo --chat --prompt "Review: The soup was awful."
       mlxft generate --model Qwen/Qwen2.5-7B-Instruct --adapter runs/qwen7b-dora --chat --prompt "Hi"
     """
     from .errors import ModelError
@@ -259,6 +278,53 @@ def generate(run_dir, model, adapter, prompt, chat, system, max_tokens, temp, to
         click.echo(f"--- prompt ({out.prompt_tokens} tokens):\n{out.prompt}", err=True)
         click.echo(f"--- {out.generation_tokens} tokens, {out.tokens_per_sec:.1f} tok/s, "
                    f"finish: {out.finish_reason}", err=True)
+
+
+@main.command("eval")
+@click.argument("run_or_adapter", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Data file or directory to evaluate on [default: the run's validation set].")
+@click.option("--max-samples", type=int, metavar="N", help="Evaluate the first N records only.")
+@click.option("--max-tokens", type=int, metavar="N",
+              help="Tokens generated per answer at most [default: the reference's length + 25% + 16].")
+@click.option("--base", is_flag=True,
+              help="Evaluate the base model alone, without the adapter (eval-base.json); "
+              "with the fine-tune's eval.json on the same data, prints a before/after table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures (eval.json) as JSON.")
+@user_errors
+def eval_cmd(run_or_adapter, data, max_samples, max_tokens, base, as_json):
+    """How good is a fine-tune: loss, perplexity and answers on held-out data.
+
+    Every assistant turn of the data is answered greedily from the conversation before it and
+    scored against the reference: exact match, normalised match (case, punctuation and spacing
+    ignored) and, for JSON references, valid JSON, equal JSON and each field. Figures go to
+    RUN/eval.json, every answer to RUN/eval_samples.jsonl.
+
+    \b
+    Examples:
+      mlxft eval runs/demo
+      mlxft eval runs/demo --base
+      mlxft eval runs/qwen7b-dora --data data/test.jsonl --max-samples 200 --json
+    """
+    import json
+
+    from .evaluate import RESULTS, SAMPLES, BASE_SAMPLES, comparable, evaluate, format_report
+
+    res = evaluate(run_or_adapter, data=data, max_samples=max_samples, max_tokens=max_tokens, base=base,
+                   progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(res.figures, indent=2, ensure_ascii=False))
+        return
+    tuned = res.path.parent / RESULTS
+    after = json.loads(tuned.read_text()) if base and tuned.is_file() else None
+    if after is not None and comparable(after, res.figures):
+        click.echo(format_report(after, base=res.figures))
+    else:
+        click.echo(format_report(res.figures))
+        if base:
+            click.echo(f"(`mlxft eval {run_or_adapter}` with the same options adds the fine-tune "
+                       "for a before/after table)")
+    click.echo(f"wrote {res.path} and {res.path.parent / (BASE_SAMPLES if base else SAMPLES)}")
 
 
 @main.command()

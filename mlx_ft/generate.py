@@ -1,7 +1,6 @@
 """Quick check of a fine-tune: load base + adapter, apply the chat template, stream the answer.
 
-    mlxft generate runs/demo --chat --system "Classify the review. Reply with JSON only." \
-        --prompt "Review: The soup was cold."
+    mlxft generate runs/demo --chat --prompt "Review: The soup was awful."
 
 The same from Python: `generate("runs/demo", "Review: ...", chat=True, system=...)`, or
 `generate(result, ...)` with the `TrainResult` of `train()`, which reuses its model in memory.
@@ -92,10 +91,6 @@ def generate(model, prompt: str, adapter: str | Path | None = None, chat: bool =
     Raises:
         ModelError: no model, no adapter/base found, no chat template.
     """
-    import mlx.core as mx
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
     if hasattr(model, "adapter_dir") and hasattr(model, "model"):  # a TrainResult
         model, tokenizer = model.model, model.tokenizer
         model.eval()  # adapter dropout off
@@ -106,6 +101,18 @@ def generate(model, prompt: str, adapter: str | Path | None = None, chat: bool =
     text_prompt = build_prompt(tokenizer, prompt, chat or system is not None, system)
     # The chat template already wrote the BOS token; encode without adding another one.
     ids = tokenizer.encode(text_prompt, add_special_tokens=not (chat or system is not None))
+    return complete(model, tokenizer, ids, text_prompt, max_tokens, temp, top_p, seed, on_text)
+
+
+def complete(model, tokenizer, ids: list[int], text_prompt: str = "", max_tokens: int = 256,
+             temp: float = 0.0, top_p: float = 0.0, seed: int = 0,
+             on_text: Callable[[str], None] | None = None) -> Generation:
+    """Continue the token ids `ids` (the prompt already templated and encoded): what `generate`
+    and `mlxft eval` decode with. Stops at the tokenizer's end-of-sequence tokens."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
     mx.random.seed(seed)
     pieces, last = [], None
     for last in stream_generate(model, tokenizer, ids, max_tokens=max_tokens,

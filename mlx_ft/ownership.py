@@ -31,7 +31,10 @@ LOCK = ".mlx_ft.lock"
 RESOLVED = "recipe.resolved.toml"
 # The entries of a run directory that mlx_ft writes (and so may remove on --overwrite).
 RUN_ENTRIES = ("adapters", "adapters-best", "checkpoints", "export", "metrics.jsonl", "summary.json",
-               "loss.svg", RESOLVED)
+               "loss.svg", RESOLVED,
+               # `mlxft eval` and the [eval] table; the trackers of output.report_to that write in the run
+               "eval.json", "eval_samples.jsonl", "eval-base.json", "eval-base_samples.jsonl",
+               "tensorboard", "wandb", "mlflow.db", "mlartifacts")
 
 
 def mark(where: Path, kind: str) -> None:

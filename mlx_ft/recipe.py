@@ -164,11 +164,20 @@ class TrainingConfig:
     """`auto` continues from the newest complete checkpoint in `output.dir` if there is one."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = ""
     """Run directory for adapters, checkpoints, metrics and exports; defaults to
     runs/<recipe file name>."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
+    """Experiment trackers that also get every metrics row, the validation and `[eval]` results,
+    the resolved recipe (as config) and the final summary, e.g. ["tensorboard"]. All work offline:
+    TensorBoard event files in <run>/tensorboard, W&B in offline mode unless you are logged in,
+    MLflow's file store in <run>/mlruns (or MLFLOW_TRACKING_URI), trackio's local store. Each needs
+    its extra: `pip install -e ".[tensorboard]"` (or wandb, mlflow, trackio)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,25 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    at_end: bool = False
+    """Evaluate the final adapter when `mlxft run` finishes, as `mlxft eval RUN` does: loss and
+    perplexity, and each assistant turn answered greedily and scored against the reference (exact,
+    normalised, JSON fields); results in <run>/eval.json, answers in <run>/eval_samples.jsonl."""
+    data: Optional[str] = None
+    """Data to evaluate on (same forms as `data.valid`); omit for the validation set
+    (`data.valid`, or the `data.valid_fraction` carved out of train)."""
+    max_samples: Optional[int] = None
+    """Evaluate only the first N records; omit for all of them."""
+    max_tokens: Optional[int] = None
+    """Tokens generated per answer at most; omit for the reference's length plus a quarter plus
+    16 (a longer answer cannot match)."""
+    base: bool = False
+    """Also evaluate the base model without the adapter (<run>/eval-base.json), for a before/after
+    table."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model."""
@@ -201,6 +229,8 @@ class Recipe:
     """Where results go."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """What is exported at the end of `mlxft run`."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """What is evaluated at the end of `mlxft run` (`mlxft eval` runs the same at any time)."""
     # Not part of the TOML: where the recipe came from and where each value came from.
     source: str = field(default="<dict>", compare=False, repr=False)
     provenance: dict = field(default_factory=dict, compare=False, repr=False)
@@ -214,7 +244,7 @@ class Recipe:
         return {t: _strip_none(dataclasses.asdict(getattr(self, t))) for t in TABLES}
 
 
-TABLES = ("model", "adapter", "data", "training", "output", "export")
+TABLES = ("model", "adapter", "data", "training", "output", "export", "eval")
 _REQUIRED = {"model.path", "data.train"}
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +471,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> tuple[bool,
             return True, value
         hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
         did = f"; did you mean {hint[0]!r}?" if hint else ""
+        if (path, str(value).lower()) in _HINTS:
+            did = "; " + _HINTS[path, str(value).lower()]
         choices = ", ".join(repr(a) for a in args)
         problems.append(f"{path}: expected one of {choices}, found {_show(value)}{did}")
         return False, None
@@ -461,6 +493,15 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> tuple[bool,
         return True, value
     problems.append(f"{path}: expected {_describe(tp)}, found {_show(value)}")
     return False, None
+
+
+# Values people write for a choice that is spelled otherwise here: the answer to give instead of
+# a did-you-mean.
+_QUANTIZED = ("{m} is method = '{base}' with a quantized base: set adapter.method = '{base}' and "
+              "model.quantize = {{ bits = 4, group_size = 64 }} (--set adapter.method={base} "
+              "--set model.quantize.bits=4)")
+_HINTS = {("adapter.method", "qlora"): _QUANTIZED.format(m="QLoRA", base="lora"),
+          ("adapter.method", "qdora"): _QUANTIZED.format(m="QDoRA", base="dora")}
 
 
 def _describe(tp: Any) -> str:
@@ -565,6 +606,15 @@ def _check(r: Recipe) -> list[str]:
     need(bool(r.output.dir.strip()), "output.dir: must not be empty")
     if r.export.gguf_type in NEEDS_IMATRIX:  # refused now, not after training
         p.append(needs_imatrix_message("export.gguf_type:", r.export.gguf_type))
+    need(len(set(r.output.report_to)) == len(r.output.report_to),
+         f"output.report_to: a tracker is named twice in {r.output.report_to}")
+    e = r.eval
+    need(e.max_samples is None or e.max_samples >= 1,
+         f"eval.max_samples: must be >= 1, found {e.max_samples}")
+    need(e.max_tokens is None or e.max_tokens >= 1, f"eval.max_tokens: must be >= 1, found {e.max_tokens}")
+    if e.at_end and e.data is None and not has_valid:
+        p.append("eval.at_end: there is nothing to evaluate on; set eval.data, data.valid or "
+                 "data.valid_fraction")
     return p
 
 

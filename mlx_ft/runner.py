@@ -105,14 +105,16 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
 
     from . import models
     from .report import Reporter
+    from .trackers import close_all, trackers_for
     from .train import Session, evaluate_loss, train_loop
 
     t = recipe.training
     run, primary = p.run, p.rank == 0
     if primary:
         write_text(run / RESOLVED, resolved_toml(recipe))
-    reporter = Reporter(run, p.total_steps, p.loop, callbacks, progress and primary, resumed=p.latest is not None,
-                        write=primary)
+    trackers = trackers_for(recipe, run) if primary else []  # output.report_to
+    reporter = Reporter(run, p.total_steps, p.loop, [*callbacks, *trackers], progress and primary,
+                        resumed=p.latest is not None, write=primary)
     reporter.start(recipe, p.n_trainable, p.n_total, p.splits.stats, p.latest)
     if p.world > 1:
         reporter.echo(f"data parallel: {p.world} processes, global batch {t.batch_size} rows x grad_accum "
@@ -140,6 +142,9 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
         session = Session(p.model, p.optimizer, p.loss_fn, p.splits, p.loop, p.total_steps, reporter,
                           save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world)
         step_losses = train_loop(session, t, recipe.data)
+    except BaseException:
+        close_all(trackers, failed=True)  # a failed run ends its tracker runs as failed
+        raise
     finally:
         reporter.close()
 
@@ -152,15 +157,25 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
                                      "base_model": p.base_ref,
                                      "data_fingerprint": p.meta["data_fingerprint"]})
     result = TrainResult(run, adapter_dir, summary, step_losses, p.model, p.tokenizer)
-    if recipe.export.to and primary:
-        from .export import run_exports
+    failed = True
+    try:
+        if recipe.eval.at_end and primary:  # the [eval] table: held-out answers scored
+            from .evaluate import run_eval_table
 
-        try:
-            summary["exports"] = [str(path) for path in run_exports(recipe, run)]
-        except StorageError as e:  # training is done and kept: say so, not "the run stopped"
-            raise StorageError(f"{e}. Training finished: the adapter is in {adapter_dir}; export it again with "
-                               "`mlxft fuse` or `mlxft export-adapter`") from None
-        write_text(run / "summary.json", json.dumps(summary, indent=2))
+            summary["eval"] = run_eval_table(recipe, result, trackers, echo=print if progress else (lambda _: None))
+            write_text(run / "summary.json", json.dumps(summary, indent=2))
+        if recipe.export.to and primary:
+            from .export import run_exports
+
+            try:
+                summary["exports"] = [str(path) for path in run_exports(recipe, run)]
+            except StorageError as e:  # training is done and kept: say so, not "the run stopped"
+                raise StorageError(f"{e}. Training finished: the adapter is in {adapter_dir}; export it again "
+                                   "with `mlxft fuse` or `mlxft export-adapter`") from None
+            write_text(run / "summary.json", json.dumps(summary, indent=2))
+        failed = False
+    finally:  # trackers end with the run
+        close_all(trackers, failed=failed)
     return result
 
 

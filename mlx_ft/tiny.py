@@ -148,6 +148,7 @@ def build_tiny_model(
     final_norm_scale: float = 1.0,
     transformers5: bool = False,
     bpe_tokenizer=None,
+    qk_scale: float = 1.0,
 ) -> Path:
     """Write a randomly initialised model of `family` with a tokenizer trained on `texts`.
 
@@ -159,6 +160,10 @@ def build_tiny_model(
             so a demo trained with adapters only would plateau; a trained model has no such cap.
         transformers5: write config.json as transformers 5 does (RoPE settings in `rope_parameters`).
         bpe_tokenizer: a `tokenizers.Tokenizer` to use instead of training one (e.g. a real model's).
+        qk_scale: factor on every query and key projection. Random ones give attention logits of
+            std 0.33 at width 128 (3.0 with qk_scale 3), so every token attends almost evenly to
+            all the others and adapters take hundreds of steps to make it look anywhere; a trained
+            model's logits span several units.
     Returns the directory, written under a temporary name and renamed when complete.
     """
     import mlx.core as mx
@@ -208,6 +213,11 @@ def build_tiny_model(
         if final_norm_scale != 1.0:
             norm = model.model.norm
             norm.weight = mx.full(norm.weight.shape, final_norm_scale, dtype=norm.weight.dtype)
+        if qk_scale != 1.0:
+            for layer in model.layers:
+                attn = layer.self_attn
+                attn.q_proj.weight = attn.q_proj.weight * qk_scale
+                attn.k_proj.weight = attn.k_proj.weight * qk_scale
         weights = dict(tree_flatten(model.parameters()))
         if config["tie_word_embeddings"]:
             weights.pop("lm_head.weight", None)  # some MLX classes build lm_head regardless
@@ -241,7 +251,7 @@ def build_tiny_model(
 BUILTIN_MODELS = {
     # name -> build_tiny_model keyword arguments
     "tiny-llama": dict(family="llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                       intermediate_size=256, vocab_size=768, seed=0, final_norm_scale=8.0),
+                       intermediate_size=256, vocab_size=768, seed=0, final_norm_scale=8.0, qk_scale=3.0),
 }
 
 

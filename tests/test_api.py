@@ -13,7 +13,8 @@ import mlx_ft
 from mlx_ft.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = {"training.steps": 4, "training.eval_every": 2, "training.save_every": 2, "training.report_every": 2}
+STEPS = {"training.steps": 4, "training.eval_every": 2, "training.save_every": 2, "training.report_every": 2,
+         "eval.max_samples": 2, "eval.max_tokens": 8}  # the [eval] table at the end, kept short
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_train_writes_the_same_run_directory(runs):
     cli_dir, api_dir, result = runs
     assert result.run_dir == api_dir and result.adapter_dir == api_dir / "adapters"
     assert files(cli_dir) == files(api_dir)
-    assert {"adapters/adapters.safetensors", "summary.json", "metrics.jsonl", "recipe.resolved.toml"} <= files(api_dir)
+    assert {"adapters/adapters.safetensors", "summary.json", "metrics.jsonl", "recipe.resolved.toml",
+            "eval.json", "eval_samples.jsonl"} <= files(api_dir)
     same_tensors(cli_dir / "adapters" / "adapters.safetensors", api_dir / "adapters" / "adapters.safetensors")
     cli_summary = json.loads((cli_dir / "summary.json").read_text())
     assert cli_summary.keys() == result.summary.keys()
@@ -125,16 +127,17 @@ def test_inspect_data_is_the_cli_report(in_repo):
     assert repr(report).strip() == text.strip()  # not a terminal: supervised text in [[ ]]
     page = report._repr_html_()
     assert "background:#d4f7d4" in page and "[[" not in page
-    assert report["train"]["samples"] == 480
+    assert report["train"]["samples"] == 1000
 
 
 def test_lazy_names_are_the_functions():
-    from mlx_ft import export_adapter, fuse, generate, inspect_data, plan, train
+    from mlx_ft import evaluate, export_adapter, fuse, generate, inspect_data, plan, train
 
+    import mlx_ft.evaluate  # noqa: F401
     import mlx_ft.generate  # noqa: F401  the submodule import must not shadow the function
     import mlx_ft.train  # noqa: F401
 
     assert callable(train) and train.__module__ == "mlx_ft.runner"  # the runner; mlx_ft.train is the loop
-    assert mlx_ft.train is train and mlx_ft.generate is generate
+    assert mlx_ft.train is train and mlx_ft.generate is generate and mlx_ft.evaluate is evaluate
     assert [f.__name__ for f in (plan, inspect_data, fuse, export_adapter)] == \
         ["plan", "inspect_data", "fuse", "export_adapter"]

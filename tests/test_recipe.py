@@ -21,9 +21,68 @@ def write(path: Path, text: str) -> Path:
 def test_every_shipped_recipe_validates():
     recipes = sorted((ROOT / "recipes").glob("*.toml"))
     assert recipes, "recipes/ is empty"
-    result = CliRunner().invoke(main, ["validate", *map(str, recipes)])
+    # The real-model recipes name data/train.jsonl, which a clone does not have: point them at the demo's.
+    demo = ROOT / "examples" / "data"
+    result = CliRunner().invoke(main, ["validate", *map(str, recipes),
+                                       "--set", f"data.train={demo / 'train.jsonl'}",
+                                       "--set", f"data.valid={demo / 'valid.jsonl'}"])
     assert result.exit_code == 0, result.output
     assert result.output.count(": ok") == len(recipes)
+
+
+def test_validate_names_a_missing_data_file(tmp_path):
+    rec = write(tmp_path / "r.toml", f'[model]\npath = "x/y"\n[data]\ntrain = "{tmp_path / "t.jsonl"}"\n'
+                                      'valid = "nowhere/valid.jsonl"\n')
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    result = CliRunner().invoke(main, ["validate", str(rec)])
+    assert result.exit_code == 2, result.output
+    assert f"{rec}: 1 problem:\n  - data.valid: nowhere/valid.jsonl does not exist" in result.output
+    assert "--set data.valid=PATH" in result.output and "Traceback" not in result.output
+
+
+def test_validate_deep_reads_every_record_and_renders_the_first(tmp_path, tiny_model_dir, chat_jsonl):
+    train, valid = chat_jsonl
+    rec = write(tmp_path / "r.toml", f'[model]\npath = "{tiny_model_dir}"\n[data]\ntrain = "{train}"\n'
+                                      f'valid = "{valid}"\n')
+    result = CliRunner().invoke(main, ["validate", str(rec), "--deep"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{rec}: ok (48 records read in 2 sources, the first 3 of each rendered)\n"
+    with open(valid, "a") as f:
+        f.write('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}\n')
+    result = CliRunner().invoke(main, ["validate", str(rec), "--deep"])
+    assert result.exit_code == 2
+    assert f"{valid}:9: messages[1] (assistant): 'content' must be a string" in result.output
+
+
+@pytest.mark.parametrize("method, base", [("qlora", "lora"), ("QDoRA", "dora")])
+def test_a_quantized_method_name_gets_the_recipe_for_it(method, base):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(ROOT / "recipes" / "demo.toml", [f"adapter.method={method}"])
+    (problem,) = e.value.problems
+    assert f"set adapter.method = '{base}' and model.quantize = {{ bits = 4, group_size = 64 }}" in problem
+    assert "did you mean" not in problem
+
+
+def test_recipes_lists_relative_paths_aligned_with_whole_sentences(monkeypatch):
+    from mlx_ft.cli import first_sentence
+
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(main, ["recipes"])
+    assert result.exit_code == 0
+    entries: list[list[str]] = []
+    for line in result.output.splitlines():
+        if line.startswith(" "):
+            entries[-1].append(line)
+        else:
+            entries.append([line])
+    files = sorted((ROOT / "recipes").glob("*.toml"))
+    assert [e[0].split()[0] for e in entries] == [f"recipes/{f.name}" for f in files]
+    col = len(entries[0][0]) - len(entries[0][0].split(maxsplit=1)[1])
+    for entry, f in zip(entries, files):
+        assert all(len(ln) - len(ln.lstrip()) == col for ln in entry[1:])  # continuation under the text
+        text = " ".join([entry[0][col:], *(ln.strip() for ln in entry[1:])])
+        assert len(entry[0]) - len(entry[0][col:]) == col and text == first_sentence(f.read_text())
+        assert text.endswith(".")
 
 
 def test_misspelled_key_names_key_path_and_suggestion(tmp_path):

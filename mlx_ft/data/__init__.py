@@ -11,7 +11,7 @@ Modules: `sources` (where files come from, reading them), `formats` (detect and 
 """
 
 from .batching import Batch, Plan, Sample, collate, epoch_batches, padding_fraction
-from .dataset import Splits, load_datasets, recipe_tokenizer, record_texts
+from .dataset import Splits, load_datasets, recipe_tokenizer, record_texts, valid_records
 
 __all__ = ["Batch", "Plan", "Sample", "Splits", "collate", "epoch_batches", "load_datasets",
-           "padding_fraction", "recipe_tokenizer", "record_texts"]
+           "padding_fraction", "recipe_tokenizer", "record_texts", "valid_records"]

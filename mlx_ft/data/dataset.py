@@ -73,6 +73,24 @@ def recipe_tokenizer(recipe: Recipe):
     return load_tokenizer(recipe.model, texts=lambda: record_texts(recipe))
 
 
+def check_records(recipe: Recipe, tokenizer, first: int = 3) -> str:
+    """`mlxft validate --deep`: read and check every record of every source (train, valid) and
+    render the first `first` of each with the tokenizer's chat template. Returns what was checked.
+
+    Raises:
+        DataError: naming the file:line of the first record that cannot be read or rendered.
+    """
+    cfg = recipe.data
+    sources = [read_source(n, cfg, "train") for n in _sources(cfg)]
+    if cfg.valid is not None:
+        sources.append(read_source(cfg.valid, cfg, "validation"))
+    for src in sources:
+        for r in src.records[:first]:
+            render(r, tokenizer, cfg.train_on)
+    records = sum(len(s.records) for s in sources)
+    return f"{records} records read in {len(sources)} sources, the first {first} of each rendered"
+
+
 def load_datasets(recipe: Recipe, tokenizer) -> Splits:
     """Read, check, render and mix the recipe's data into train (and validation) samples.
 
@@ -90,19 +108,7 @@ def load_datasets(recipe: Recipe, tokenizer) -> Splits:
                 raise DataError(f"data.weights[{i}]: a mixing weight must be > 0, found {w}; "
                                 "remove the source instead of weighting it 0")
     sources = [read_source(n, cfg, "train") for n in names]
-    valid_records: list[Record] = []
-    if cfg.valid is not None:
-        valid_records = read_source(cfg.valid, cfg, "validation").records
-    elif cfg.valid_fraction > 0:
-        rng = np.random.default_rng(seed)
-        for src in sources:
-            n_valid = int(round(cfg.valid_fraction * len(src.records))) if len(src.records) > 1 else 0
-            held = set(rng.permutation(len(src.records))[:n_valid].tolist())
-            valid_records += [r for i, r in enumerate(src.records) if i in held]
-            src.records = [r for i, r in enumerate(src.records) if i not in held]
-        if not valid_records:
-            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {sum(len(s.records) for s in sources)} "
-                            "records rounds to 0 validation records; raise it or give data.valid")
+    held_out = _carve_valid(sources, cfg, seed)
 
     per_source, counts = [], []
     for k, src in enumerate(sources):
@@ -116,8 +122,8 @@ def load_datasets(recipe: Recipe, tokenizer) -> Splits:
 
     valid = None
     valid_counts = None
-    if valid_records:
-        valid, valid_counts = _render_all(valid_records, tokenizer, cfg, -1)
+    if held_out:
+        valid, valid_counts = _render_all(held_out, tokenizer, cfg, -1)
         if not valid:
             where = "data.valid" if cfg.valid is not None else "data.valid_fraction"
             raise DataError(f"{where}: no usable validation samples after filtering: " + _explain([valid_counts], cfg))
@@ -137,6 +143,37 @@ def load_datasets(recipe: Recipe, tokenizer) -> Splits:
     return Splits(mixed, valid, stats)
 
 
+def valid_records(recipe: Recipe) -> list[Record]:
+    """The validation records exactly as `load_datasets` takes them: `data.valid`, or the
+    `valid_fraction` carved out of each train source with `training.seed`; [] when neither is set.
+    What `mlxft eval` scores by default."""
+    cfg = recipe.data
+    if cfg.valid is None and cfg.valid_fraction <= 0:
+        return []
+    sources = [] if cfg.valid is not None else [read_source(n, cfg, "train") for n in _sources(cfg)]
+    return _carve_valid(sources, cfg, recipe.training.seed)
+
+
+def _carve_valid(sources: list[Source], cfg: DataConfig, seed: int) -> list[Record]:
+    """Validation records: the `data.valid` source, or `valid_fraction` of each train source,
+    which then loses them (so no validation record is also trained on)."""
+    if cfg.valid is not None:
+        return read_source(cfg.valid, cfg, "validation").records
+    if cfg.valid_fraction <= 0:
+        return []
+    rng, out = np.random.default_rng(seed), []
+    for src in sources:
+        n_valid = int(round(cfg.valid_fraction * len(src.records))) if len(src.records) > 1 else 0
+        held = set(rng.permutation(len(src.records))[:n_valid].tolist())
+        out += [r for i, r in enumerate(src.records) if i in held]
+        src.records = [r for i, r in enumerate(src.records) if i not in held]
+    if not out:
+        total = sum(len(s.records) for s in sources)
+        raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {total} "
+                        "records rounds to 0 validation records; raise it or give data.valid")
+    return out
+
+
 def _batching(samples: list[Sample], recipe: Recipe) -> dict:
     """Batches, optimizer steps and padding of the first epoch, as the recipe batches them."""
     d, t = recipe.data, recipe.training
@@ -146,6 +183,11 @@ def _batching(samples: list[Sample], recipe: Recipe) -> dict:
             "steps_per_epoch": -(-len(plans) // t.grad_accum),
             "positions": positions(samples, plans, d.max_seq_len, d.pack),
             "padding_fraction": round(padding_fraction(samples, plans, d.max_seq_len, d.pack), 4)}
+
+
+def render_records(records: list[Record], tokenizer, cfg: DataConfig) -> list[Sample]:
+    """The usable samples of `records`, rendered, truncated and filtered as training does."""
+    return _render_all(records, tokenizer, cfg, -1)[0]
 
 
 def _render_all(records: list[Record], tokenizer, cfg: DataConfig, source: int) -> tuple[list[Sample], dict]:

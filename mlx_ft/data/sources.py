@@ -186,3 +186,19 @@ def _drop_nulls(value):
     if isinstance(value, list):
         return [_drop_nulls(v) for v in value]
     return value
+
+
+def missing_sources(recipe) -> list[str]:
+    """Problems for every local data source of a recipe that does not exist (data.train, data.valid,
+    eval.data), each naming its key and path; hf:// sources are not checked (that needs the hub)."""
+    d = recipe.data
+    keyed = [("data.train", d.train)] if isinstance(d.train, str) else [(f"data.train[{i}]", s)
+                                                                        for i, s in enumerate(d.train)]
+    keyed += [(k, s) for k, s in (("data.valid", d.valid), ("eval.data", recipe.eval.data)) if s is not None]
+    out = []
+    for key, source in keyed:
+        path = parse_source(source)[0] if "?" in source else source
+        if not source.startswith("hf://") and not Path(path).expanduser().exists():
+            out.append(f"{key}: {source} does not exist (recipe paths are relative to the directory mlxft "
+                       f"runs in); fix the path or give another with --set {key.split('[')[0]}=PATH")
+    return out

@@ -54,15 +54,6 @@ def seconds_per_epoch(shape: ModelShape, st: Settings, machine: Machine, tokens:
 
 def measure_cpu_tflops(seconds: float = 0.3) -> float:
     """Sustained float32 matmul TFLOP/s of this machine's MLX default device (a quick GEMM loop)."""
-    import time
+    from ..blas import matmul_gflops
 
-    import mlx.core as mx
-
-    n = 512
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a @ b)
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        mx.eval(a @ b)
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e12
+    return matmul_gflops(512, seconds) / 1e3
