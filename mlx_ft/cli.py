@@ -307,6 +307,9 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
 @click.option("--model", help="Plan without a recipe: hub id, local dir or bundled model name.")
 @click.option("--method", type=click.Choice(["lora", "qlora", "dora", "qdora", "full"]), default="lora",
               show_default=True, help="Without a recipe: what is trained (qlora = lora on a 4-bit base).")
+@click.option("--quant-mode", type=click.Choice(["affine", "mxfp4", "nvfp4", "mxfp8"]), default="affine",
+              show_default=True, help="Without a recipe, with qlora/qdora: MLX quantization mode of the base "
+              "(affine 4-bit group 64, mxfp4, nvfp4, mxfp8).")
 @click.option("--rank", type=int, default=16, show_default=True, help="Without a recipe: LoRA rank.")
 @click.option("--layers", default="all", show_default=True, help="Without a recipe: adapted blocks (last N) or all.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Without a recipe: rows per micro-batch.")
@@ -329,7 +332,7 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
                    "(dense models), else the formula.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
+def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
          tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
@@ -365,9 +368,12 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
             raise PlanError("--probe needs a RECIPE (it trains 2 real steps on the recipe's model)")
         if layers != "all" and not layers.isdigit():
             raise PlanError(f"--layers: expected a number of blocks or 'all', found {layers!r}")
-        st = Settings(method=method.removeprefix("q"), quant_bits=4 if method.startswith("q") else None,
-                      rank=rank, layers=None if layers == "all" else int(layers), batch_size=batch_size,
-                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
+        from .recipe import QuantizeConfig
+
+        q = QuantizeConfig(mode=quant_mode) if method.startswith("q") else None
+        st = Settings(method=method.removeprefix("q"), quant_bits=q and q.bits, quant_group=q.group_size if q else 64,
+                      quant_mode=q.mode if q else "affine", rank=rank, layers=None if layers == "all" else int(layers),
+                      batch_size=batch_size, seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
         p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
                        "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)

@@ -19,6 +19,7 @@ def settings_from_recipe(recipe) -> Settings:
     L = d.max_seq_len
     return Settings(
         method=a.method, quant_bits=q.bits if q else None, quant_group=q.group_size if q else 64,
+        quant_mode=q.mode if q else "affine",
         rank=a.rank, layers=None if a.layers == "all" else int(a.layers),
         targets=(a.targets,) if isinstance(a.targets, str) else tuple(a.targets),
         batch_size=t.batch_size, seq_len=L - 1, pack=d.pack, grad_checkpointing=t.grad_checkpointing,
@@ -156,6 +157,8 @@ def plan_model(model: str, settings: Settings, machine: str | Machine = "auto", 
     """
     shape = load_shape(model, revision)
     mach = machine if isinstance(machine, Machine) else get_machine(machine, budget_gb)
+    if settings.quant_bits and shape.quantized_bits:  # --method qlora on gpt-oss: its own MXFP4 is the base
+        settings = replace(settings, quant_bits=None, quant_group=64, quant_mode="affine")
     check_settings(shape, settings)
     return _finish(shape, settings, mach, tokens, tokens_source, memory_model)
 
@@ -217,6 +220,9 @@ def check_settings(shape: ModelShape, st: Settings) -> None:
         problems.append(f"layers {st.layers}: the model has {shape.layers} blocks; use 1..{shape.layers} or all")
     if st.method == "full" and (st.quant_bits or shape.quantized_bits):
         problems.append("method 'full' cannot train a quantized base; use lora/dora (QLoRA) or a float base")
+    if st.quant_bits and shape.quantized_bits:
+        problems.append(f"{shape.name} is already quantized ({_quant_text(shape.quantized_bits, shape.quantized_mode)}"
+                        "); remove model.quantize: a pre-quantized base trains as QLoRA as it is")
     if st.batch_size < 1 or st.seq_len < 1:
         problems.append(f"batch size {st.batch_size} and max_seq_len {st.seq_len + 1} must be positive")
     if st.method == "dora" and any(shape.copies(m) > 1 for layer in adapted_layers(shape, st)
@@ -338,6 +344,10 @@ def count_epoch_tokens(recipe) -> tuple[int | None, str]:
         return None, f"dataset not counted ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); pass --tokens N"
 
 
+def _quant_text(bits: int, mode: str) -> str:
+    return f"{bits}-bit" if mode == "affine" else mode.upper()
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:7.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:7.1f} MiB"
 
@@ -357,8 +367,10 @@ def render(p: Plan) -> str:
 
 def _header_lines(p: Plan) -> list[str]:
     st, sh, m = p.settings, p.shape, p.machine
-    method = st.method + (f" on a {st.quant_bits}-bit base (QLoRA)" if st.quant_bits else
-                          f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
+    method = st.method + (f" on a {_quant_text(st.quant_bits, st.quant_mode)} base (QLoRA)" if st.quant_bits else
+                          f" on a {_quant_text(sh.quantized_bits, sh.quantized_mode)} checkpoint"
+                          + (" (experts only)" if sh.float_modules else "") if sh.quantized_bits
+                          else f" on a {sh.dtype} base")
     layers = "all" if st.layers is None else f"last {st.layers} of"
     moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}"
            if sh.is_moe else "")
