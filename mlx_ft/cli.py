@@ -18,6 +18,7 @@ from .export import GGUF_TYPES
 from .export.quantize import LLAMA_CPP_TYPES, NEEDS_IMATRIX
 
 EXIT_USER_ERROR = 2
+EXIT_DOES_NOT_FIT = 3  # `mlxft plan`: the run would not fit the machine's memory
 
 
 def user_errors(fn):
@@ -336,10 +337,18 @@ def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, m
          tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
+    A recipe whose data can be read here is planned at the widest batch its run makes (with the
+    max_seq_len worst case on the line below the verdict); otherwise at max_seq_len.
+
+    \b
+    Exit status: 0 it fits, 3 it does not fit (the plan and the changes that would fit are
+    printed), 2 bad input (unknown model or machine, impossible settings).
+
     \b
     Examples:
       mlxft plan recipes/demo.toml --machine m4-max-128
       mlxft plan --model Qwen/Qwen2.5-32B --method qlora --batch-size 2 --machine m4-max-64 --json
+      mlxft plan --model openai/gpt-oss-120b --method qlora --machine m5-ultra-256
       mlxft plan recipes/qwen32b-qlora.toml --machine m3-ultra-256 --nodes 2 --link tb5
     """
     import json
@@ -374,10 +383,12 @@ def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, m
         st = Settings(method=method.removeprefix("q"), quant_bits=q and q.bits, quant_group=q.group_size if q else 64,
                       quant_mode=q.mode if q else "affine", rank=rank, layers=None if layers == "all" else int(layers),
                       batch_size=batch_size, seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
-        p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
+        p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given with --tokens" if tokens else
                        "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
+    if not p.fits:
+        sys.exit(EXIT_DOES_NOT_FIT)
 
 
 @main.command()
@@ -400,9 +411,14 @@ def machines(as_json):
     if as_json:
         click.echo(json.dumps([asdict(m) for m in ms], indent=2))
         return
-    click.echo(f"{'name':<16} {'chip':<10} {'memory':>7} {'GPU budget':>11} {'GB/s':>6} {'TFLOPS':>7}")
+    click.echo(f"{'name':<16} {'chip':<10} {'memory':>7} {'GPU budget':>11} {'GB/s':>6} {'TFLOPS':>7} {'matmul':>8}")
     for m in ms:
+        mm = f"{m.matmul_tflops[0]:.0f}-{m.matmul_tflops[1]:.0f}" if m.matmul_tflops else ""
         click.echo(f"{m.name:<16} {m.chip:<10} {m.memory_bytes / 2**30:>4.0f} GB {m.budget_bytes / 2**30:>7.1f} GiB "
-                   f"{m.bandwidth_gbs:>6.0f} {m.fp32_tflops:>7.1f}")
+                   f"{m.bandwidth_gbs:>6.0f} {m.fp32_tflops:>7.1f} {mm:>8}{'  projected' if m.projected else ''}")
     click.echo("\nBudget: the macOS 26 default GPU working set (82-84% of RAM); `--machine auto` on a Mac reads the "
-               "real value. Raise it with `sudo sysctl iogpu.wired_limit_mb=N` (until reboot).")
+               "real value. Raise it with `sudo sysctl iogpu.wired_limit_mb=N` (until reboot).\n"
+               "TFLOPS: FP32 peak. matmul: 16-bit matmul TFLOP/s of the M5 family's Neural Accelerators, from a "
+               "measured MLX GEMM to the architectural peak (the planner uses the first).\n"
+               "projected: not announced; figures are 2 x M5 Max and press reports, each with its source in "
+               "`mlxft machines --json` (`projected`).")

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .errors import CheckpointError, PlanError, TrainingError
+from .errors import CheckpointError, MlxFtError, PlanError, TrainingError
 from .recipe import Recipe, resolved_toml
 from .report import Callback
 
@@ -155,10 +155,18 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     if t.batch_size % world:
         raise TrainingError(f"training.batch_size: {t.batch_size} rows cannot be split evenly over {world} "
                             f"processes; use a multiple of {world} (it is the global batch)")
-    planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None))
+    # The data first (it needs the tokenizer, not the weights): the plan is made for its batches.
+    splits, unread = None, None
+    try:
+        splits = data.load_datasets(recipe, data.recipe_tokenizer(recipe))
+    except MlxFtError as e:  # reported after the plan, which still says whether the model would fit
+        unread = e
+    planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None),
+                         splits.train if splits else None)
+    if unread is not None:
+        raise unread
     run = prepare_run_dir(recipe, resume, overwrite, primary=rank == 0)
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
-    splits = data.load_datasets(recipe, tokenizer)
     # Seeded here, after loading: building the builtin demo model on first use draws from the
     # global RNG too, and the adapter's initial weights must depend on training.seed alone.
     mx.random.seed(t.seed)
@@ -181,8 +189,9 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
                      total_steps, meta, loop, latest, n_trainable, n_total, planned)
 
 
-def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
-    """Plan the run on this machine before anything is loaded; refuse one that will not fit.
+def plan_first(recipe: Recipe, world: int, force: bool, echo, samples=None) -> dict | None:
+    """Plan the run on this machine before the model is loaded, at the widest batch `samples` make
+    (at max_seq_len without them); refuse a run whose own plan will not fit.
 
     Returns:
         the plan's record for summary.json, or None when the model's config cannot be found
@@ -193,14 +202,14 @@ def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
     from .planner.plan import preflight
 
     try:
-        record = preflight(recipe, world)
+        record = preflight(recipe, world, samples)
     except PlanError as e:
         echo(f"plan: skipped ({e})")
         return None
     echo(record["verdict"])
     if not record["fits"] and not force:
-        raise TrainingError(f"{record['verdict']}. `mlxft plan RECIPE` shows where the memory goes and what to "
-                            "change; `mlxft run --force` (train(..., force=True)) starts anyway")
+        raise TrainingError(f"{record['verdict'].splitlines()[0]}. `mlxft plan RECIPE` shows where the memory goes "
+                            "and what to change; `mlxft run --force` (train(..., force=True)) starts anyway")
     return {k: v for k, v in record.items() if k != "verdict"}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -271,10 +270,13 @@ def load_shape(model: str, revision: str | None = None) -> ModelShape:
 def _from_hub(model: str, revision: str | None) -> ModelShape:
     from huggingface_hub import hf_hub_download
 
+    from ..hub import hub_unreachable
+
+    unreachable = hub_unreachable()  # fail at once offline: no retries with back-off
     try:
-        path = hf_hub_download(model, "config.json", revision=revision)
+        path = hf_hub_download(model, "config.json", revision=revision, local_files_only=unreachable is not None)
     except Exception as e:  # offline, unknown or gated repo
-        why = ("HF_HUB_OFFLINE=1 and it is not in the local cache" if os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = (f"{unreachable}, and it is not in the local cache" if unreachable
                else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise PlanError(
             f"model {model!r}: cannot find its config.json ({why}). Provide it one of these ways: "
