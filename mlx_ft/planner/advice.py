@@ -65,12 +65,13 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
         slower = flops_per_token(shape, ckpt) / flops_per_token(shape, st) - 1
         add("training.grad_checkpointing", True, "training.grad_checkpointing = true",
             f"~{slower:.0%} more time per epoch, each adapted block runs forward twice; trains the same", ckpt)
-    fitting_b = next((b for b in range(st.batch_size - 1, 0, -1) if required(replace(st, batch_size=b)) <= budget),
-                     None)
+    fitting_b = next((b for b in _batches(st)[1:] if required(replace(st, batch_size=b)) <= budget), None)
     if fitting_b:
-        accum = -(-st.batch_size * st.grad_accum // fitting_b)
+        accum = st.batch_size * st.grad_accum // fitting_b
         add("training.batch_size", fitting_b, f"training.batch_size = {fitting_b} with training.grad_accum = {accum}",
             "the same tokens per optimizer step; smaller matmuls run somewhat slower", replace(st, batch_size=fitting_b))
+    if not any(s["fits"] for s in out):  # both together still train the same, only slower
+        _together(st, shape, budget, required, add, qlora=False)
     need_now = required(st)
     cmd = sysctl_advice(mach, math.ceil(need_now * mach.budget_bytes / budget))  # budget / limit: 1 or 0.9
     if cmd:  # a budget that holds the plan (with 10 % to spare when that was the question)
@@ -81,6 +82,8 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
         add("model.quantize", {"bits": 4, "group_size": 64}, "QLoRA: model.quantize = { bits = 4, group_size = 64 }",
             "the adapter learns against a 4-bit copy of the base (fuse dequantizes it)",
             replace(st, quant_bits=4, quant_group=64, quant_mode="affine"))
+    if not any(s["fits"] for s in out if s["change"] != "iogpu.wired_limit_mb"):
+        _together(st, shape, budget, required, add, qlora=True)
     if st.method == "full":
         add("adapter.method", "lora", "adapter.method = 'lora' instead of full fine-tuning",
             "trains low-rank adapters, not every weight", replace(st, method="lora"))
@@ -107,7 +110,7 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
         else:
             add(*item)
     if not any(s["fits"] for s in out):
-        _combined(st, shape, budget, required, add)
+        _together(st, shape, budget, required, add, qlora=True, shorter=True)
     if not any(s["fits"] for s in out):
         for key, value, text, cost, new in last_resort:
             add(key, value, text, cost + "; under a quarter of it, it trains little: nothing else fits", new)
@@ -119,23 +122,40 @@ def _priced(required, budget: int, key: str, value, text: str, cost: str, new: S
     return {"change": key, "value": value, "peak_bytes": need, "fits": need <= budget, "text": text, "cost": cost}
 
 
-def _combined(st: Settings, shape: ModelShape, budget: int, required, add) -> None:
-    """Checkpointing, QLoRA, the largest batch and then the longest rows that fit, together."""
+def _together(st: Settings, shape: ModelShape, budget: int, required, add, qlora: bool,
+              shorter: bool = False) -> None:
+    """Checkpointing and the largest batch that fits (with QLoRA when `qlora`, with the longest rows
+    that fit when `shorter`), as one suggestion when that combination fits."""
     combo = replace(st, grad_checkpointing=True)
-    if st.method != "full" and not (st.quant_bits or shape.quantized_bits):
+    qlora = qlora and st.method != "full" and not (st.quant_bits or shape.quantized_bits)
+    if qlora:
         combo = replace(combo, quant_bits=4, quant_group=64, quant_mode="affine")
-    b = next((b for b in range(st.batch_size, 0, -1) if required(replace(combo, batch_size=b)) <= budget), 1)
-    combo = replace(combo, batch_size=b)
-    Lc = _largest(lambda k: required(replace(combo, seq_len=k - 1)) <= budget, 32, combo.seq_len + 1)
-    if not Lc:
+    if combo == st:
         return
-    combo = replace(combo, seq_len=Lc - 1)
-    qlora = combo.quant_bits and not st.quant_bits
-    accum = f" with grad_accum = {-(-st.batch_size * st.grad_accum // b)}" if b < st.batch_size else ""
-    costs = ["more time per epoch"] + ["a 4-bit base"] * bool(qlora) + ["shorter rows"] * (Lc <= st.seq_len)
-    add("combined", {"grad_checkpointing": True, "quant_bits": combo.quant_bits, "batch_size": b, "max_seq_len": Lc},
-        f"together: grad checkpointing{', 4-bit QLoRA' if qlora else ''}, batch_size = {b}{accum}, max_seq_len = {Lc}",
-        "costs: " + ", ".join(costs), combo)
+    b = next((b for b in _batches(st) if required(replace(combo, batch_size=b)) <= budget), 1)
+    combo = replace(combo, batch_size=b)
+    L = st.seq_len + 1
+    if shorter:
+        L = _largest(lambda k: required(replace(combo, seq_len=k - 1)) <= budget, 32, combo.seq_len + 1)
+        if not L:
+            return
+        combo = replace(combo, seq_len=L - 1)
+    if required(combo) > budget:
+        return
+    parts = ["grad checkpointing"] * (not st.grad_checkpointing) + ["4-bit QLoRA"] * qlora
+    if b < st.batch_size:
+        parts.append(f"batch_size = {b} with grad_accum = {st.batch_size * st.grad_accum // b}")
+    if L <= st.seq_len:
+        parts.append(f"max_seq_len = {L}")
+    costs = ["more time per epoch"] + ["a 4-bit base"] * qlora + ["shorter rows"] * (L <= st.seq_len)
+    add("combined", {"grad_checkpointing": True, "quant_bits": combo.quant_bits, "batch_size": b, "max_seq_len": L},
+        "together: " + ", ".join(parts), "costs: " + ", ".join(costs), combo)
+
+
+def _batches(st: Settings) -> list[int]:
+    """Batch sizes that keep the rows of an optimizer step (batch x grad_accum) exact, largest first."""
+    rows = st.batch_size * st.grad_accum
+    return [b for b in range(st.batch_size, 0, -1) if rows % b == 0]
 
 
 def _largest(ok, lo: int, hi: int) -> int | None:
