@@ -142,4 +142,14 @@ def test_lora_on_gpt_oss_attention_and_experts_trains_and_fuses(tmp_path, gpt_os
     keys = json.loads((result.adapter_dir / "adapter_config.json").read_text())["lora_parameters"]["keys"]
     assert set(keys) == {*(f"self_attn.{t}" for t in targets[:4]), *(f"mlp.experts.{t}" for t in targets[4:])}
     assert result.losses[-1] < result.losses[0] - 0.5, result.losses
-    fused_equals_dequantized_base_plus_adapter(tmp_path / "run", mx.array([[5, 17, 42, 7, 99, 3]]))
+    tokens = mx.array([[5, 17, 42, 7, 99, 3]])
+    fused_equals_dequantized_base_plus_adapter(tmp_path / "run", tokens)
+    # written out, the fused model reloads in mlx-lm (its names, float experts) with the same logits
+    from mlx_lm.utils import load
+
+    from mlx_ft.export import fuse
+
+    with pytest.warns(UserWarning, match="mlx-lm loads the export, transformers may not"):
+        out = fuse(tmp_path / "run", to="safetensors", dtype="f32")
+    reloaded, _ = load(str(out))
+    assert mx.allclose(reloaded(tokens), load_adapted(tmp_path / "run").model(tokens), atol=1e-4).item()
