@@ -2,7 +2,10 @@
 
 Every configuration trains 2 steps of a tiny or small model (built offline with mlx_ft.tiny) in
 its own process, on rows that fill max_seq_len (the planner's worst case), and compares
-`summary["peak_memory_bytes"]` with `mlx_ft.planner.estimate`. The grid varies method, rank,
+`summary["peak_memory_bytes"]` with `mlx_ft.planner.estimate`. Rows with `short` (from row 104)
+train one whole epoch on samples shorter than max_seq_len (lengths spread around `short` tokens),
+bucketed or packed, and are predicted as `mlxft plan` plans a recipe: at the widest batch the data
+makes (planner.plan.run_batches); the max_seq_len worst case is printed beside them. The grid varies method, rank,
 batch size, max_seq_len, packing, grad checkpointing, vocabulary size, dtype and architecture;
 the configurations marked `calib` were looked at while the framework constants in
 mlx_ft/planner/formula.py were chosen (most constants come from isolated experiments described in
@@ -81,6 +84,12 @@ MODELS = {
                             intermediate_size=384, dtype="float32", extra_config={"vocab_size": 2048}),
     "mixtral-320-bf16": dict(family="mixtral", hidden_size=320, num_layers=3, num_heads=5, num_kv_heads=1,
                              intermediate_size=640, dtype="bfloat16", extra_config={"vocab_size": 3000}),
+    # gpt-oss as OpenAI ships it (experts in MXFP4, the rest float32 here: the CPU backend's gather_mm is
+    # float32-only, gather_qmm runs the experts); attention sinks, sliding window 32 alternating with full.
+    "gptoss-256-f32-e8k2": dict(family="gpt_oss", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                                intermediate_size=256, dtype="float32",
+                                extra_config={"vocab_size": 4096, "num_local_experts": 8, "num_experts_per_tok": 2,
+                                              "sliding_window": 32}),
 }
 
 # the targets of recipes/qwen3-30b-a3b-qlora.toml: attention and experts, not the router
@@ -219,6 +228,16 @@ GRID = [
     ("llama-128-f32-8l", dict(L=768, B=3, layers=5, ckpt=True, targets=["down_proj", "up_proj"])),
     ("qwen3moe-256-bf16-e16k4", dict(L=512, B=2, quant=4, rank=16)),
     ("qwen2-768-bf16-v32k", dict(L=256, B=2, method="dora", layers=2, ckpt=True, chunk=128)),
+    # Held out, 2026-12-04: samples shorter than max_seq_len (`short`: their typical length in tokens),
+    # one whole epoch, planned at the run's widest batch; predictions frozen (--freeze) before measuring.
+    ("llama-256-f32", dict(L=512, B=4, short=26)),  # the issue's case: ~26-token chats, max_seq_len 512
+    ("llama-256-bf16-v8k", dict(L=512, B=4, short=60, chunk=128)),
+    ("qwen2-384-bf16-tied", dict(L=1024, B=2, short=150, ckpt=True)),
+    ("llama-384-f32", dict(L=2048, B=4, short=100, layers=3)),
+    ("llama-192-bf16-v12k", dict(L=512, B=4, short=60, pack=True, chunk=64)),
+    ("llama-512-bf16-mha-v16k", dict(L=768, B=2, short=120, pack=True, ckpt=True)),
+    ("qwen3moe-256-bf16-e16k4", dict(L=1024, B=2, short=90, quant=4)),
+    ("gptoss-256-f32-e8k2", dict(L=512, B=2, short=80, targets=EXPERTS_NOT_ROUTER)),
 ]
 QUICK = [36, 37, 39, 41, 42, 44]
 SEEN_ROWS = 36
@@ -271,7 +290,7 @@ def build_model(name: str, cache: Path) -> Path:
     dtype = kw.pop("dtype")
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(50)]
-    build_tiny_model(out, texts, vocab_size=400, **kw)
+    build_tiny_model(out, texts, vocab_size=400, **kw)  # float32 (gpt-oss: its experts MXFP4)
     if dtype != "float32":
         w = {k: v.astype(getattr(mx, dtype)) for k, v in mx.load(str(out / "model.safetensors")).items()}
         mx.save_safetensors(str(out / "model.safetensors"), w, metadata={"format": "pt"})
@@ -280,22 +299,35 @@ def build_model(name: str, cache: Path) -> Path:
     return out
 
 
+SHORT_BATCHES = 8
+"""Batches of an epoch of a `short` row (packed: rows of max_seq_len filled by ~SHORT_BATCHES x B samples)."""
+
+
 def recipe_for(model_dir: Path, s: dict, work: Path):
-    """A recipe whose every row is max_seq_len tokens (long texts, truncated), trained 2 steps."""
+    """A recipe whose every row is max_seq_len tokens (long texts, truncated), trained 2 steps; or,
+    for a `short` row, samples of ~`short` words (lognormal, sigma 0.5, at most max_seq_len / 3),
+    trained one epoch of SHORT_BATCHES batches."""
     from mlx_ft.recipe import recipe_from_dict
 
     B, L = s.get("B", 1), s["L"]
     rng = random.Random(1)
     data = work / "train.jsonl"
     with data.open("w") as f:
-        for _ in range(B * 2):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(L * 2))}) + "\n")
+        if s.get("short"):
+            n = B * SHORT_BATCHES * (max(1, L // s["short"]) if s.get("pack") else 1)
+            for _ in range(n):
+                words = min(L // 3, max(3, int(rng.lognormvariate(0, 0.5) * s["short"])))
+                f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+        else:
+            for _ in range(B * 2):
+                f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(L * 2))}) + "\n")
     doc = {
         "model": {"path": str(model_dir)},
         "adapter": {"method": s.get("method", "lora"), "rank": s.get("rank", 8), "layers": s.get("layers", "all"),
                     "targets": s.get("targets", "all-linear")},
         "data": {"train": str(data), "max_seq_len": L, "pack": s.get("pack", False), "train_on": "all", "shuffle": False},
-        "training": {"batch_size": B, "steps": 2, "grad_checkpointing": s.get("ckpt", False),
+        "training": {"batch_size": B, **({"epochs": 1} if s.get("short") else {"steps": 2}),
+                     "grad_checkpointing": s.get("ckpt", False),
                      "loss_chunk_size": s.get("chunk", 512), "report_every": 1, "learning_rate": 1e-5},
         "output": {"dir": str(work / "run")},
     }
@@ -305,18 +337,25 @@ def recipe_for(model_dir: Path, s: dict, work: Path):
 
 
 def predict_one(model: str, s: dict, cache: Path) -> dict:
-    """The formula's and the replayed graph's predicted peak for one configuration."""
+    """The formula's and the replayed graph's predicted peak for one configuration (a `short` row: at
+    the widest batch its data makes, as `mlxft plan` and `mlxft run` plan a recipe)."""
+    from mlx_ft.data import load_datasets, recipe_tokenizer
     from mlx_ft.planner import settings_from_recipe, estimate
     from mlx_ft.planner.configs import load_shape
-    from mlx_ft.planner.plan import predict
+    from mlx_ft.planner.plan import predict, run_batches, settings_for_batches
 
     model_dir = build_model(model, cache)
+    extra = {}
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_for(model_dir, s, Path(tmp))
-    shape, st = load_shape(str(model_dir)), settings_from_recipe(recipe)
+        shape, st = load_shape(str(model_dir)), settings_from_recipe(recipe)
+        if s.get("short"):
+            batches = run_batches(recipe, load_datasets(recipe, recipe_tokenizer(recipe)).train)
+            worst, st = st, settings_for_batches(st, batches)
+            extra = {"batch": [st.batch_size, st.seq_len + 1], "worst_case": predict(shape, worst, "auto").peak_bytes}
     est, rep = estimate(shape, st), predict(shape, st, "auto")
     return {"predicted": est.peak_bytes, "replayed": rep.peak_bytes, "replay_model": rep.memory_model,
-            "breakdown": est.breakdown, "replay_breakdown": rep.breakdown}
+            "breakdown": est.breakdown, "replay_breakdown": rep.breakdown, **extra}
 
 
 def measure_one(model: str, s: dict, cache: Path) -> dict:
@@ -336,6 +375,7 @@ def measure_one(model: str, s: dict, cache: Path) -> dict:
 def label(s: dict) -> str:
     parts = [s.get("method", "lora") + (f"/q{s['quant']}" if s.get("quant") else ""), f"r{s.get('rank', 8)}",
              f"B{s.get('B', 1)}", f"L{s['L']}", f"layers={s.get('layers', 'all')}"]
+    parts += [f"short~{s['short']}"] * bool(s.get("short"))
     parts += ["pack"] * bool(s.get("pack")) + ["ckpt"] * bool(s.get("ckpt"))
     parts += [f"chunk={s['chunk']}"] if "chunk" in s else []
     parts += ["targets=" + ",".join(t.removesuffix("_proj") for t in s["targets"])] if "targets" in s else []
@@ -352,6 +392,9 @@ def main() -> int:
     ap.add_argument("--recorded", action="store_true",
                     help="compare the predictions with the peaks recorded in planner_measured.json instead of training")
     ap.add_argument("--mechanisms", choices=sorted(MECHANISMS), help="run an isolated-mechanism group instead")
+    ap.add_argument("--freeze", metavar="FILE",
+                    help="only predict the rows, and write the predictions with the time to FILE (before measuring)")
+    ap.add_argument("--frozen", metavar="FILE", help="measure, and check each prediction equals the one frozen in FILE")
     a = ap.parse_args()
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -363,6 +406,9 @@ def main() -> int:
         return 0
     recorded = json.loads((Path(__file__).parent / "planner_measured.json").read_text())["measured_mib"]
     idx = [int(i) for i in a.only.split(",")] if a.only else QUICK if a.quick else range(len(grid))
+    if a.freeze:
+        return freeze(grid, idx, cache, Path(a.freeze))
+    frozen = json.loads(Path(a.frozen).read_text())["rows"] if a.frozen else {}
     rows, worst, worst_held = [], 0.0, 0.0
     print(f"{'#':>2} {'model':24} {'settings':48} {'measured MiB':>12} {'formula MiB':>11} {'error':>7} "
           f"{'replay MiB':>10} {'error':>7}")
@@ -378,6 +424,10 @@ def main() -> int:
         r = json.loads(line[7:])
         if a.recorded:
             r["measured"] = int(recorded[str(i)] * 2**20)
+        if str(i) in frozen and (frozen[str(i)]["replayed"], frozen[str(i)]["predicted"]) != (r["replayed"],
+                                                                                           r["predicted"]):
+            print(f"{i:>2} prediction differs from the frozen one: {frozen[str(i)]} vs {r}")
+            return 1
         err = r["predicted"] / r["measured"] - 1
         rerr = r["replayed"] / r["measured"] - 1
         worst = max(worst, abs(rerr))
@@ -386,8 +436,10 @@ def main() -> int:
             worst_held = max(worst_held, abs(err))
         tag = " (calib)" if calib else ""
         how = "" if r["replay_model"].startswith("replayed") else "  (formula: not traced)"
+        at = (f"  batch {r['batch'][0]} x {r['batch'][1]}; max_seq_len plan {r['worst_case'] / 2**20:.1f} "
+              f"({r['worst_case'] / r['measured'] - 1:+.0%})" if "worst_case" in r else "")
         print(f"{i:>2} {model:24} {label(s):48} {r['measured'] / 2**20:12.1f} {r['predicted'] / 2**20:11.1f} "
-              f"{err * 100:+6.1f}%{tag:8} {r['replayed'] / 2**20:10.1f} {rerr * 100:+6.1f}%{how}", flush=True)
+              f"{err * 100:+6.1f}%{tag:8} {r['replayed'] / 2**20:10.1f} {rerr * 100:+6.1f}%{how}{at}", flush=True)
         rows.append({"index": i, "model": model, "settings": s, **r, "error": err, "replay_error": rerr})
     within = sum(abs(r["replay_error"]) <= 0.10 for r in rows)
     print(f"planner (replay, formula where it cannot trace): {within} of {len(rows)} within 10 %, worst "
@@ -395,6 +447,28 @@ def main() -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0 if worst <= 0.10 else 1
+
+
+def freeze(grid, idx, cache: Path, path: Path) -> int:
+    """Predict the rows (each in its own process, as when measuring) and write them with the time."""
+    import datetime
+
+    rows = {}
+    for i in idx:
+        out = subprocess.run([sys.executable, __file__, "--one", str(i), "--cache", str(cache), "--recorded"],
+                             capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{i}: FAILED\n{out.stderr[-2000:]}")
+            return 1
+        r = json.loads(line[7:])
+        rows[str(i)] = {k: r[k] for k in ("predicted", "replayed", "replay_model", "batch", "worst_case") if k in r}
+        print(f"{i:>3} {grid[i][0]:24} {label(grid[i][1]):48} replay {r['replayed'] / 2**20:8.1f} MiB "
+              f"formula {r['predicted'] / 2**20:8.1f} MiB", flush=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    path.write_text(json.dumps({"frozen_at": stamp, "rows": rows}, indent=1) + "\n")
+    print(f"predictions of {len(rows)} rows frozen at {stamp} in {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from .errors import MlxFtError
 from .gguf_types import DIRECT_TYPES, LLAMA_CPP_TYPES, NEEDS_IMATRIX
 
 EXIT_USER_ERROR = 2
+EXIT_DOES_NOT_FIT = 3  # `mlxft plan`: the run would not fit the machine's memory
 
 
 def user_errors(fn):
@@ -405,6 +406,9 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
 @click.option("--model", help="Plan without a recipe: hub id, local dir or bundled model name.")
 @click.option("--method", type=click.Choice(["lora", "qlora", "dora", "qdora", "full"]), default="lora",
               show_default=True, help="Without a recipe: what is trained (qlora = lora on a 4-bit base).")
+@click.option("--quant-mode", type=click.Choice(["affine", "mxfp4", "nvfp4", "mxfp8"]), default="affine",
+              show_default=True, help="Without a recipe, with qlora/qdora: MLX quantization mode of the base "
+              "(affine 4-bit group 64, mxfp4, nvfp4, mxfp8).")
 @click.option("--rank", type=int, default=16, show_default=True, help="Without a recipe: LoRA rank.")
 @click.option("--layers", default="all", show_default=True, help="Without a recipe: adapted blocks (last N) or all.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Without a recipe: rows per micro-batch.")
@@ -427,14 +431,22 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
                    "(dense models), else the formula.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
+def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
          tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
+
+    A recipe whose data can be read here is planned at the widest batch its run makes (with the
+    max_seq_len worst case on the line below the verdict); otherwise at max_seq_len.
+
+    \b
+    Exit status: 0 it fits, 3 it does not fit (the plan and the changes that would fit are
+    printed), 2 bad input (unknown model or machine, impossible settings).
 
     \b
     Examples:
       mlxft plan recipes/demo.toml --machine m4-max-128
       mlxft plan --model Qwen/Qwen2.5-32B --method qlora --batch-size 2 --machine m4-max-64 --json
+      mlxft plan --model openai/gpt-oss-120b --method qlora --machine m5-ultra-256
       mlxft plan recipes/qwen32b-qlora.toml --machine m3-ultra-256 --nodes 2 --link tb5
     """
     import json
@@ -463,13 +475,18 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
             raise PlanError("--probe needs a RECIPE (it trains 2 real steps on the recipe's model)")
         if layers != "all" and not layers.isdigit():
             raise PlanError(f"--layers: expected a number of blocks or 'all', found {layers!r}")
-        st = Settings(method=method.removeprefix("q"), quant_bits=4 if method.startswith("q") else None,
-                      rank=rank, layers=None if layers == "all" else int(layers), batch_size=batch_size,
-                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
-        p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
+        from .recipe import QuantizeConfig
+
+        q = QuantizeConfig(mode=quant_mode) if method.startswith("q") else None
+        st = Settings(method=method.removeprefix("q"), quant_bits=q and q.bits, quant_group=q.group_size if q else 64,
+                      quant_mode=q.mode if q else "affine", rank=rank, layers=None if layers == "all" else int(layers),
+                      batch_size=batch_size, seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
+        p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given with --tokens" if tokens else
                        "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
+    if not p.fits:
+        sys.exit(EXIT_DOES_NOT_FIT)
 
 
 @main.command()
@@ -492,9 +509,14 @@ def machines(as_json):
     if as_json:
         click.echo(json.dumps([asdict(m) for m in ms], indent=2))
         return
-    click.echo(f"{'name':<16} {'chip':<10} {'memory':>7} {'GPU budget':>11} {'GB/s':>6} {'TFLOPS':>7}")
+    click.echo(f"{'name':<16} {'chip':<10} {'memory':>7} {'GPU budget':>11} {'GB/s':>6} {'TFLOPS':>7} {'matmul':>8}")
     for m in ms:
+        mm = f"{m.matmul_tflops[0]:.0f}-{m.matmul_tflops[1]:.0f}" if m.matmul_tflops else ""
         click.echo(f"{m.name:<16} {m.chip:<10} {m.memory_bytes / 2**30:>4.0f} GB {m.budget_bytes / 2**30:>7.1f} GiB "
-                   f"{m.bandwidth_gbs:>6.0f} {m.fp32_tflops:>7.1f}")
+                   f"{m.bandwidth_gbs:>6.0f} {m.fp32_tflops:>7.1f} {mm:>8}{'  projected' if m.projected else ''}")
     click.echo("\nBudget: the macOS 26 default GPU working set (82-84% of RAM); `--machine auto` on a Mac reads the "
-               "real value. Raise it with `sudo sysctl iogpu.wired_limit_mb=N` (until reboot).")
+               "real value. Raise it with `sudo sysctl iogpu.wired_limit_mb=N` (until reboot).\n"
+               "TFLOPS: FP32 peak. matmul: 16-bit matmul TFLOP/s of the M5 family's Neural Accelerators, from a "
+               "measured MLX GEMM to the architectural peak (the planner uses the first).\n"
+               "projected: not announced; figures are 2 x M5 Max and press reports, each with its source in "
+               "`mlxft machines --json` (`projected`).")

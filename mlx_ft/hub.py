@@ -52,11 +52,12 @@ def resolve_model_path(
                          "give an existing model directory or a hub id such as Qwen/Qwen2.5-7B-Instruct")
     from huggingface_hub import snapshot_download
 
+    unreachable = hub_unreachable()
     try:
-        return Path(snapshot_download(path, revision=revision, allow_patterns=patterns or HUB_PATTERNS))
+        return Path(snapshot_download(path, revision=revision, allow_patterns=patterns or HUB_PATTERNS,
+                                      local_files_only=unreachable is not None))
     except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+        why = f"{unreachable}, and it is not in the local cache" if unreachable else f"{type(e).__name__}: {e}"
         raise ModelError(f"model.path: cannot get {path!r} from the Hugging Face hub ({why}); "
                          f"download it once with `hf download {path}` or give a local directory") from None
 
@@ -89,6 +90,28 @@ def read_config(model_dir: Path) -> dict:
         raise ModelError(f"{path}: no `model_type` (e.g. \"llama\", \"qwen2\"); a Hugging Face config.json "
                          "names its architecture there: restore the model's config.json")
     return config
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None: HF_HUB_OFFLINE set, or one TCP
+    connection to the endpoint (or the HTTPS proxy) failing. One quick try: huggingface_hub itself
+    retries a failed request five times with back-off (~24 s) before it gives up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    proxy = urlparse(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or "")
+    host, port = (proxy.hostname, proxy.port or 80) if proxy.hostname else \
+        (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
 
 
 def looks_local(path: str) -> bool:

@@ -45,7 +45,7 @@ def load_base(cfg: ModelConfig, texts: Callable[[], list[str]] | None = None):
                                 model_config=rope, trust_remote_code=cfg.trust_remote_code,
                                 lazy=cfg.quantize is not None)
         if cfg.quantize is not None:
-            quantize(model, cfg.quantize.bits, cfg.quantize.group_size)
+            quantize(model, cfg.quantize.bits, cfg.quantize.group_size, cfg.quantize.mode)
             materialize_by_layer(model)
     except ValueError as e:  # mlx-lm: "Model type X not supported.", weights that do not fit the config
         raise ModelError(f"model.path: mlx-lm cannot load {model_dir}: {e}") from None
@@ -78,21 +78,25 @@ def materialize_by_layer(model) -> None:
     mx.eval(model.parameters())
 
 
-def quantize(model, bits: int, group_size: int) -> None:
-    """Quantize every quantizable layer in place, as `mlx_lm.convert -q` would."""
+def quantize(model, bits: int, group_size: int, mode: str = "affine") -> None:
+    """Quantize every quantizable layer in place, as `mlx_lm.convert -q --q-mode MODE` would
+    (a model's own quant_predicate still applies: gpt-oss and qwen3_moe routers get 8-bit affine)."""
     from mlx_lm.utils import quantize_model
 
     if is_quantized(model):
         raise ModelError("model.quantize: the base is already quantized; remove model.quantize "
                          "(a pre-quantized base trains as QLoRA as it is)")
     with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints a bits-per-weight line
-        quantize_model(model, {}, group_size, bits)
+        quantize_model(model, {}, group_size, bits, mode=mode)
 
 
 def is_quantized(model) -> bool:
+    """Any quantized layer: gpt-oss's native checkpoints quantize only the experts (MXFP4)."""
     import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+    return any(isinstance(m, kinds) for _, m in model.named_modules())
 
 
 def _linear_types():

@@ -33,12 +33,32 @@ from .gguf_types import NEEDS_IMATRIX, needs_imatrix_message
 # The schema
 
 
+# MLX 0.32's quantization modes (mx.quantize): the bits and group sizes each accepts, and the
+# defaults mlx-lm's quantize_model uses. affine keeps a scale and a bias per group in the model's
+# dtype; the microscaling float modes keep one 8-bit scale per group and no bias.
+QUANT_MODES = {
+    "affine": {"bits": (2, 3, 4, 5, 6, 8), "group_size": (32, 64, 128), "default": (4, 64)},
+    "mxfp4": {"bits": (4,), "group_size": (32,), "default": (4, 32)},
+    "nvfp4": {"bits": (4,), "group_size": (16,), "default": (4, 16)},
+    "mxfp8": {"bits": (8,), "group_size": (32,), "default": (8, 32)},
+}
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
-    bits: int = 4
-    """Bits per base weight when quantizing on load (QLoRA): 2, 3, 4, 5, 6 or 8."""
-    group_size: int = 64
-    """Weights sharing one scale and bias: 32, 64 or 128. Smaller is more exact and larger."""
+    mode: Literal["affine", "mxfp4", "nvfp4", "mxfp8"] = "affine"
+    """MLX quantization mode: `affine` (integers with a scale and a bias per group), or the
+    microscaling float formats `mxfp4`, `nvfp4` and `mxfp8` (one 8-bit scale per group)."""
+    bits: Optional[int] = None
+    """Bits per base weight: affine 2, 3, 4, 5, 6 or 8 (default 4); mxfp4 and nvfp4 4; mxfp8 8."""
+    group_size: Optional[int] = None
+    """Weights sharing one scale: affine 32, 64 or 128 (default 64; smaller is more exact and
+    larger); mxfp4 and mxfp8 32; nvfp4 16."""
+
+    def __post_init__(self):  # unset bits and group size take the mode's defaults
+        bits, group = QUANT_MODES.get(self.mode, QUANT_MODES["affine"])["default"]
+        object.__setattr__(self, "bits", bits if self.bits is None else self.bits)
+        object.__setattr__(self, "group_size", group if self.group_size is None else self.group_size)
 
 
 @dataclass(frozen=True)
@@ -49,8 +69,9 @@ class ModelConfig:
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) to download; ignored for local directories."""
     quantize: Optional[QuantizeConfig] = None
-    """Quantize the base on load for QLoRA, e.g. `{ bits = 4, group_size = 64 }`. Omit for a
-    float base; a pre-quantized base (mlx-community 4-bit repos) needs nothing here."""
+    """Quantize the base on load for QLoRA, e.g. `{ bits = 4, group_size = 64 }` or
+    `{ mode = "mxfp4" }`. Omit for a float base; a pre-quantized base (mlx-community 4-bit repos,
+    gpt-oss's native MXFP4 experts) needs nothing here."""
     trust_remote_code: bool = False
     """Let the tokenizer run code shipped in the model repo."""
 
@@ -323,6 +344,11 @@ def _expand_home(data: dict) -> dict:
     return out
 
 
+def _either(values: tuple) -> str:
+    """(2, 3, 4) -> "2, 3 or 4"."""
+    return f"{', '.join(map(str, values[:-1]))} or {values[-1]}" if len(values) > 1 else str(values[0])
+
+
 def _where(problem: str, prov: dict, source: str) -> str:
     """Name the file a bad value came from when it is not the recipe itself (extends, --set)."""
     key = problem.split(":", 1)[0].split("[", 1)[0]
@@ -553,8 +579,11 @@ def _check(r: Recipe) -> list[str]:
 
     need(bool(r.model.path.strip()), "model.path: must not be empty; give a hub id or a local directory")
     if q is not None:
-        need(q.bits in (2, 3, 4, 5, 6, 8), f"model.quantize.bits: expected 2, 3, 4, 5, 6 or 8, found {q.bits}")
-        need(q.group_size in (32, 64, 128), f"model.quantize.group_size: expected 32, 64 or 128, found {q.group_size}")
+        allowed = QUANT_MODES.get(q.mode, QUANT_MODES["affine"])
+        for key in ("bits", "group_size"):
+            ok, found = allowed[key], getattr(q, key)
+            need(found in ok, f"model.quantize.{key}: expected {_either(ok)}, found {found}" if q.mode == "affine"
+                 else f"model.quantize.{key}: mode {q.mode!r} takes {ok[0]}, found {found}; leave it out")
     need(a.rank > 0, f"adapter.rank: must be > 0, found {a.rank}")
     need(a.alpha > 0, f"adapter.alpha: must be > 0, found {a.alpha}")
     need(0 <= a.dropout < 1, f"adapter.dropout: must be in [0, 1), found {a.dropout}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .atomic import check_writable, clean_leftovers, is_write_failure, storage_error, write_text
-from .errors import CheckpointError, MlxFtWarning, PlanError, StorageError, TrainingError
+from .errors import CheckpointError, MlxFtError, MlxFtWarning, PlanError, StorageError, TrainingError
 from .ownership import LOCK, MARKER, RESOLVED, RunLock, check_not_in_use, clear_run_dir, kind_of, mark
 from .recipe import Recipe, resolved_toml
 from .report import Callback
@@ -253,9 +253,17 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     if rank == 0:
         check_run_dir(run, resume, overwrite)  # fails at once, before the minutes of loading
     check_local_model(recipe.model.path)  # a typo in model.path says so, without a plan line first
-    planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None))
+    # The data first (it needs the tokenizer, not the weights): the plan is made for its batches.
+    splits, unread = None, None
+    try:
+        splits = data.load_datasets(recipe, data.recipe_tokenizer(recipe))
+    except MlxFtError as e:  # reported after the plan, which still says whether the model would fit
+        unread = e
+    planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None),
+                         splits.train if splits else None)
+    if unread is not None:
+        raise unread
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
-    splits = data.load_datasets(recipe, tokenizer)
     # Seeded here, after loading: building the builtin demo model on first use draws from the
     # global RNG too, and the adapter's initial weights must depend on training.seed alone.
     mx.random.seed(t.seed)
@@ -288,8 +296,9 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
                      total_steps, meta, loop, latest, n_trainable, n_total, planned, lock, finished)
 
 
-def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
-    """Plan the run on this machine before anything is loaded; refuse one that will not fit.
+def plan_first(recipe: Recipe, world: int, force: bool, echo, samples=None) -> dict | None:
+    """Plan the run on this machine before the model is loaded, at the widest batch `samples` make
+    (at max_seq_len without them); refuse a run whose own plan will not fit.
 
     Returns:
         the plan's record for summary.json, or None when the model's config cannot be found
@@ -300,15 +309,15 @@ def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
     from .planner.plan import preflight
 
     try:
-        record = preflight(recipe, world)
+        record = preflight(recipe, world, samples)
     except PlanError as e:
         first = str(e).splitlines()[0]
         echo(f"plan: skipped ({first[:150] + '...' if len(first) > 150 else first})")
         return None
     echo(record["verdict"])
     if not record["fits"] and not force:
-        raise TrainingError(f"{record['verdict']}. `mlxft plan RECIPE` shows where the memory goes and what to "
-                            "change; `mlxft run --force` (train(..., force=True)) starts anyway")
+        raise TrainingError(f"{record['verdict'].splitlines()[0]}. `mlxft plan RECIPE` shows where the memory goes "
+                            "and what to change; `mlxft run --force` (train(..., force=True)) starts anyway")
     return {k: v for k, v in record.items() if k != "verdict"}
 
 

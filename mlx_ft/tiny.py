@@ -80,6 +80,13 @@ FAMILIES: dict[str, dict] = {
                   "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                   "shared_expert_intermediate_size": 96, "decoder_sparse_step": 1, "mlp_only_layers": [],
                   "norm_topk_prob": False},
+    # As openai/gpt-oss-20b ships: experts in MXFP4 (written by hf_layout.gpt_oss_native), the
+    # rest float; attention sinks, sliding and full attention alternating, biases everywhere.
+    "gpt_oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "rope_theta": 150000.0,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8, "attention_bias": True,
+                "swiglu_limit": 7.0, "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+                "layer_types": lambda c: ["sliding_attention", "full_attention"] * (c["num_hidden_layers"] // 2)},
 }
 
 
@@ -222,12 +229,14 @@ def build_tiny_model(
         if config["tie_word_embeddings"]:
             weights.pop("lm_head.weight", None)  # some MLX classes build lm_head regardless
 
-        from .hf_layout import hf_weights
+        from .hf_layout import gpt_oss_native, hf_weights
         from .hfconfig import transformers5_spelling
 
         saved = transformers5_spelling(config) if transformers5 else config
         (tmp / "config.json").write_text(json.dumps(saved, indent=2))
         weights = hf_weights(weights, config["model_type"])  # HF names (per-expert MoE tensors)
+        if config["model_type"] == "gpt_oss":
+            weights = gpt_oss_native(weights)  # MXFP4 experts, as OpenAI publishes them
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
         tok_config = json.loads((tmp / "tokenizer_config.json").read_text()) if tokenizer == "spm" else {}
         tok_config.update({

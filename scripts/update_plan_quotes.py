@@ -4,7 +4,8 @@
 
 - recipes/*.toml: the "# Planner: peak ... budget ... to spare" and "# Time per epoch" lines,
   re-planned with the `mlxft plan ... --machine M --tokens N` command in each header;
-- docs/choosing.md: the two tables printed by examples/plan_matrix.py;
+- docs/choosing.md: the two tables printed by examples/plan_matrix.py, and the seeds' table
+  (`--seeds`) between its `<!-- seeds -->` markers;
 - mlx_ft/planner/plan_cache.json: the replayed estimates behind both, shipped so that the tests,
   `mlxft plan` and `mlxft run` on these models answer at once (every entry is keyed by the
   planner's sources and versions, so a stale one is never read: it only costs a replay).
@@ -65,6 +66,10 @@ def main() -> None:
     tables = re.findall(r"^\| model \|.*?(?=\n\n)", text, re.S | re.M)
     for old, new in zip(tables, (matrix([]), matrix(["--no-checkpointing"]))):
         text = text.replace(old, new)
+    start, end = "<!-- seeds: python examples/plan_matrix.py --seeds -->\n", "\n<!-- /seeds -->"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + start + matrix(["--seeds"]) + end + rest.split(end, 1)[1]
     if text != doc.read_text():
         doc.write_text(text)
         print("updated docs/choosing.md tables; check the numbers quoted in its prose")

@@ -83,9 +83,10 @@ def test_recipe_reference_covers_every_key():
             assert f"| `{key}` |" in md and " ".join(doc.split())[:40].replace("|", "\\|") in md
 
 
-@pytest.mark.parametrize("argv", [[], ["--no-checkpointing"]])
+@pytest.mark.parametrize("argv", [[], ["--no-checkpointing"], ["--seeds"]])
 def test_choosing_page_tables_are_the_planners(argv, monkeypatch, capsys):
-    """docs/choosing.md quotes examples/plan_matrix.py; a planner change shows up here."""
+    """docs/choosing.md quotes examples/plan_matrix.py (the seeds' table too); a planner change
+    shows up here."""
     import runpy
     import sys
 

@@ -130,7 +130,7 @@ def test_methods_train_with_falling_loss(tmp_path, tiny_model_dir, chat_jsonl, m
     assert result.summary["trainable_parameters"] == _param_count(tiny_model_dir, method)
     assert result.losses[-1] < result.losses[0] - 0.5, result.losses
     cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert cfg["fine_tune_type"] == method and cfg["quantize"] == quantize
+    assert cfg["fine_tune_type"] == method and cfg["quantize"] == (quantize and {"mode": "affine", **quantize})
 
 
 def test_full_finetune_of_prequantized_base_is_refused(tmp_path, tiny_model_dir, chat_jsonl):

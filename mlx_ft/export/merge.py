@@ -72,14 +72,54 @@ def load_adapted(path: str | Path, base_model: str | None = None) -> Adapted:
 
 
 def fuse_model(model) -> None:
-    """Merge every LoRA/DoRA layer into its base weight and dequantize all layers, in place."""
-    from mlx.utils import tree_unflatten
-    from mlx_lm.utils import dequantize_model
+    """Dequantize every layer in the model's float dtype, then merge every LoRA/DoRA layer into its
+    base weight, in place.
 
+    Dequantizing first, ourselves: `mx.dequantize` infers its output dtype from the scales, and the
+    float modes (mxfp4, nvfp4, mxfp8) keep one uint8 scale per group, so mlx-lm's fuse would give
+    bfloat16 weights (and round the adapter's update to bfloat16) in a float32 model."""
+    from mlx.utils import tree_unflatten
+
+    dtype = _float_dtype(model)
+    plain = [(name, _dequantized(m, dtype)) for name, m in model.named_modules() if "scales" in m]
+    if plain:
+        model.update_modules(tree_unflatten(plain))
     fused = [(name, m.fuse(dequantize=True)) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    dequantize_model(model)
+
+
+def _float_dtype(model):
+    """The dtype most of the model's float weights have (norms, embeddings, unquantized layers)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    sizes: dict = {}
+    for name, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating) and name.rsplit(".", 1)[-1] not in ADAPTER_LEAVES:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.size
+    return max(sizes, key=sizes.get) if sizes else mx.float32
+
+
+def _dequantized(layer, dtype):
+    """The float layer a quantized Linear, Embedding or SwitchLinear stands for, exactly."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    weight = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
+                           bits=layer.bits, mode=layer.mode, global_scale=layer.get("global_scale"),
+                           dtype=dtype)
+    if isinstance(layer, nn.QuantizedEmbedding):
+        out = nn.Embedding(*weight.shape)
+    elif weight.ndim == 3:
+        out = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias="bias" in layer)
+    else:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in layer)
+    out.weight = weight
+    if "bias" in layer:
+        out.bias = layer.bias
+    return out
 
 
 def cast_model(model, dtype: str) -> None:

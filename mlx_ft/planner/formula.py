@@ -81,7 +81,7 @@ gradient. Measured on full fine-tunes with short rows, where the update is the p
 (docs/planner.md, MoE section: llama-256-f32 at 64 tokens, a qwen3_moe block at 256)."""
 # Which tensor feeds each linear: q/k/v share the first norm's output, gate/up the second's.
 _INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid", "gate": "mlp_in"}
+             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid", "gate": "mlp_in", "router": "mlp_in"}
 
 
 def moe_bytes_per_token(shape: ModelShape, layer: int | None = None) -> float:

@@ -34,6 +34,12 @@ class Machine:
     bf16_native: bool = True
     gpu_cores: int | None = None
     is_mac: bool = True
+    matmul_tflops: tuple[float, float] | None = None
+    """(low, high) published 16-bit matmul TFLOP/s of GPU cores with matrix units (M5 Neural
+    Accelerators); None: matmuls run on the FP32 ALUs."""
+    matmul_source: str = ""
+    projected: str | None = None
+    """Why and from what the figures are projected (a chip not announced yet); None when sold."""
 
     def tflops(self, dtype: str) -> float | None:
         """Peak matmul TFLOP/s for `dtype`; bf16 is emulated at about half rate on M1/M2."""
@@ -56,14 +62,28 @@ def default_budget(memory_bytes: int, rule: str | None = None) -> tuple[int, str
     return int(memory_bytes * frac), f"{frac:.0%} of RAM ({rule} default working set)"
 
 
+def matmul_rate(chip: str, gpu_cores: int | None) -> tuple[tuple[float, float] | None, str]:
+    """(low, high) matmul TFLOP/s of `gpu_cores` cores of `chip` with their sources, from
+    machines.json's matmul_rates (per core, so a binned chip scales); (None, "") without matrix units."""
+    rates = _data()["matmul_rates"]
+    entry = rates.get(chip)
+    if entry is None or not gpu_cores:
+        return None, ""
+    base = rates[entry.get("same_as", chip)]
+    lo, hi = (round(r * gpu_cores, 1) for r in base["per_core_tflops"])
+    return (lo, hi), "; ".join(base["sources"])
+
+
 def list_machines() -> list[Machine]:
     out = []
     for m in _data()["machines"]:
         mem = m["memory_gb"] * GIB
         budget, why = default_budget(mem)
+        rate, source = matmul_rate(m["chip"], m["gpu_cores"])
         out.append(Machine(name=m["name"], chip=m["chip"], memory_bytes=mem, budget_bytes=budget,
                            budget_source=why, bandwidth_gbs=m["bandwidth_gbs"], fp32_tflops=m["fp32_tflops"],
-                           bf16_native=m["bf16_native"], gpu_cores=m["gpu_cores"]))
+                           bf16_native=m["bf16_native"], gpu_cores=m["gpu_cores"], matmul_tflops=rate,
+                           matmul_source=source, projected=m.get("projected")))
     return out
 
 
@@ -116,13 +136,18 @@ def machine_from_device_info(info: dict) -> Machine:
         known = [m for m in list_machines() if m.chip == chip]
         # Binned and full variants share a name; the one with this memory size, else the closest.
         ref = min(known, key=lambda m: abs(m.memory_bytes - mem), default=None)
+        # Memory and budget are this Mac's own; the rates come from the profile, still projected if it was.
+        projected = f"memory and budget read from this Mac; rates projected: {ref.projected}" \
+            if ref and ref.projected else None
         return Machine(name="auto", chip=chip, memory_bytes=mem,
                        budget_bytes=int(info["max_recommended_working_set_size"]),
                        budget_source="this Mac's max_recommended_working_set_size (mx.device_info)",
                        bandwidth_gbs=ref.bandwidth_gbs if ref else None,
                        fp32_tflops=ref.fp32_tflops if ref else None,
                        bf16_native=ref.bf16_native if ref else True,
-                       gpu_cores=ref.gpu_cores if ref else None)
+                       gpu_cores=ref.gpu_cores if ref else None,
+                       matmul_tflops=ref.matmul_tflops if ref else None,
+                       matmul_source=ref.matmul_source if ref else "", projected=projected)
     limit = int(info.get("mlx_memory_limit") or 0.8 * mem)
     return Machine(name="auto", chip=name, memory_bytes=mem, budget_bytes=limit,
                    budget_source="MLX memory limit on this non-Mac machine (CPU backend)", is_mac=False)

@@ -1,15 +1,26 @@
-"""Put it together: recipe -> model shape + settings -> estimate vs machine budget -> advice."""
+"""Put it together: recipe -> model shape + settings -> estimate vs machine budget -> advice.
+
+A recipe whose data can be read is planned at the batches its run will make: the widest batch of an
+epoch (length buckets pad each batch to its longest sample; packed rows are max_seq_len wide), with
+the max_seq_len worst case beside it. Without the data (no tokenizer offline, files elsewhere) the
+plan is that worst case, every row max_seq_len tokens.
+"""
 
 from __future__ import annotations
 
-import html
+import math
 from dataclasses import dataclass, field, replace
 
 from ..errors import PlanError
+from .advice import suggest, thin_margin
 from .configs import ModelShape, load_shape
-from .machines import Machine, get_machine
 from .formula import estimate
-from .settings import STATIC_TERMS, Estimate, Settings, adapted_layers, adapted_modules
+from .machines import Machine, get_machine
+from .settings import Estimate, Settings, adapted_layers, adapted_modules
+from .timing import EFFICIENCY, flops_per_token, measure_cpu_tflops, seconds_per_epoch
+
+__all__ = ["Plan", "RunBatches", "check_settings", "plan", "plan_model", "predict", "preflight",
+           "run_batches", "settings_from_recipe", "suggest"]
 
 
 def settings_from_recipe(recipe) -> Settings:
@@ -19,10 +30,70 @@ def settings_from_recipe(recipe) -> Settings:
     L = d.max_seq_len
     return Settings(
         method=a.method, quant_bits=q.bits if q else None, quant_group=q.group_size if q else 64,
+        quant_mode=q.mode if q else "affine",
         rank=a.rank, layers=None if a.layers == "all" else int(a.layers),
         targets=(a.targets,) if isinstance(a.targets, str) else tuple(a.targets),
         batch_size=t.batch_size, seq_len=L - 1, pack=d.pack, grad_checkpointing=t.grad_checkpointing,
         loss_chunk=t.loss_chunk_size, optimizer=t.optimizer, grad_accum=t.grad_accum)
+
+
+@dataclass(frozen=True)
+class RunBatches:
+    """The batches one epoch of a run makes, from its data (`data.epoch_batches`, `data.row_width`)."""
+
+    rows: int
+    """The most rows a batch has (batch_size, fewer when the data makes fewer)."""
+    width: int
+    """The widest batch's padded row length: its longest sample rounded up to 8, or max_seq_len packed."""
+    batches: int
+    positions: int
+    """Rows x width summed over the epoch: the padded tokens the model runs over."""
+    attention_width: float
+    """Token-weighted mean width: each batch's attention runs over its own width."""
+    tokens: int
+    samples: int
+    longest: int
+    lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)
+
+    def longer_than(self, n: int) -> int:
+        """Samples longer than n tokens: what a max_seq_len of n would truncate or drop."""
+        return sum(length > n for length in self.lengths)
+
+
+def run_batches(recipe, samples) -> RunBatches:
+    """The first epoch's batches of `samples` as the recipe batches them (every epoch makes the same
+    widest batch: the one holding the longest sample)."""
+    from ..data.batching import epoch_batches, row_width
+
+    d, t = recipe.data, recipe.training
+    plans = epoch_batches(samples, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
+    shapes = [(len(p), row_width(samples, p, d.max_seq_len, d.pack)) for p in plans]
+    positions = sum(b * w for b, w in shapes)
+    lengths = tuple(len(s.tokens) for s in samples)
+    return RunBatches(rows=max(b for b, _ in shapes), width=max(w for _, w in shapes), batches=len(plans),
+                      positions=positions, attention_width=sum(b * w * w for b, w in shapes) / positions,
+                      tokens=sum(lengths), samples=len(samples), longest=max(lengths), lengths=lengths)
+
+
+def read_run_batches(recipe) -> tuple[RunBatches | None, str]:
+    """(the run's batches, a line saying where they come from), or (None, why not) when the data
+    or the tokenizer cannot be read here."""
+    try:
+        from ..data import load_datasets, recipe_tokenizer
+
+        batches = run_batches(recipe, load_datasets(recipe, recipe_tokenizer(recipe)).train)
+    except Exception as e:  # no tokenizer offline, data elsewhere: plan the worst case instead
+        why = str(e).splitlines()[0][:160] if str(e) else ""
+        return None, f"data not read ({type(e).__name__}: {why})"
+    return batches, (f"{batches.tokens:,} dataset tokens, {batches.positions:,} with padding, "
+                     f"in {batches.batches} batches")
+
+
+def settings_for_batches(st: Settings, batches: RunBatches | None, world: int = 1) -> Settings:
+    """`st` at the widest batch the run makes (each of `world` processes holds its share of the rows)."""
+    rows = batches.rows if batches else st.batch_size
+    width = batches.width if batches else st.seq_len + 1
+    return replace(st, batch_size=max(1, math.ceil(rows / world)), seq_len=width - 1)
 
 
 @dataclass(repr=False)
@@ -37,10 +108,18 @@ class Plan:
     tokens_per_epoch: int | None = None
     tokens_source: str = ""
     seconds_per_epoch: float | None = None
+    seconds_per_epoch_high: float | None = None
+    """At the high end of a published matmul range (M5 family), where the sources disagree."""
     flops_per_token: float = 0.0
     tflops: float | None = None
     calibration: dict | None = None
     cluster: dict | None = None  # several Macs: see `with_cluster`
+    batches: RunBatches | None = None
+    """The run's own batches, when the data was read; `settings` are then at its widest batch."""
+    worst: Estimate | None = None
+    """The max_seq_len worst case (`worst_settings`), when the run's batches are narrower."""
+    worst_settings: Settings | None = None
+    max_seq_len: int | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -55,26 +134,37 @@ class Plan:
     def margin_bytes(self) -> int:
         return self.machine.budget_bytes - self.peak_bytes
 
+    @property
+    def thin_margin(self) -> bool:
+        """Fits, with under 10 % of the budget to spare."""
+        return self.fits and thin_margin(self.peak_bytes, self.machine.budget_bytes)
+
     def breakdown(self) -> dict[str, int]:
         return {**self.estimate.breakdown, "framework headroom": self.estimate.headroom_bytes}
 
     def to_dict(self) -> dict:
-        st = self.settings
+        st, m = self.settings, self.machine
+        worst = None if self.worst is None else {
+            "peak_bytes": self.worst.required_bytes, "mlx_peak_bytes": self.worst.peak_bytes,
+            "fits": self.worst.required_bytes <= m.budget_bytes,
+            "batch_size": self.worst_settings.batch_size, "seq_len": self.worst_settings.seq_len + 1}
         return {
             "model": self.shape.name, "model_config_source": self.shape.source,
-            "machine": self.machine.name, "chip": self.machine.chip,
-            "memory_bytes": self.machine.memory_bytes,
-            "budget_bytes": self.machine.budget_bytes, "budget_source": self.machine.budget_source,
+            "machine": m.name, "chip": m.chip, "memory_bytes": m.memory_bytes, "projected": m.projected,
+            "budget_bytes": m.budget_bytes, "budget_source": m.budget_source,
             "peak_bytes": self.peak_bytes, "mlx_peak_bytes": self.estimate.peak_bytes,
-            "fits": self.fits, "margin_bytes": self.margin_bytes,
+            "fits": self.fits, "margin_bytes": self.margin_bytes, "thin_margin": self.thin_margin,
             "breakdown": self.breakdown(),
             "trainable_params": self.estimate.trainable_params, "total_params": self.estimate.total_params,
             "settings": {**st.__dict__, "targets": list(st.targets)},
+            "batches": None if self.batches is None else {k: v for k, v in self.batches.__dict__.items()
+                                                          if k != "lengths"},
+            "worst_case": worst,
             "suggestions": self.suggestions,
             "tokens_per_epoch": self.tokens_per_epoch, "tokens_source": self.tokens_source,
             "flops_per_token": self.flops_per_token, "tflops": self.tflops,
-            "efficiency": EFFICIENCY,
-            "seconds_per_epoch": self.seconds_per_epoch,
+            "matmul_tflops": m.matmul_tflops, "efficiency": EFFICIENCY,
+            "seconds_per_epoch": self.seconds_per_epoch, "seconds_per_epoch_high": self.seconds_per_epoch_high,
             "notes": self.estimate.notes,
             "memory_model": self.estimate.memory_model,
             "calibration": self.calibration,
@@ -82,6 +172,8 @@ class Plan:
         }
 
     def render(self) -> str:
+        from .render import render
+
         return render(self)
 
     def with_cluster(self, nodes: int, link: str) -> "Plan":
@@ -103,17 +195,9 @@ class Plan:
         return self.render()
 
     def _repr_html_(self) -> str:
-        """Jupyter shows the plan as a table of the breakdown between the header and the verdict."""
-        rows = [(k, _gib(v)) for k, v in self.breakdown().items() if v]
-        rows += [("<b>total peak</b>", f"<b>{_gib(self.peak_bytes).strip()}</b>"),
-                 ("machine budget", _gib(self.machine.budget_bytes))]
-        cells = "".join(f"<tr><td style='text-align:left'>{k}</td><td style='text-align:right'>{v.strip()}</td></tr>"
-                        for k, v in rows)
-        colour = "#1a7f37" if self.fits else "#cf222e"
-        verdict, *advice = _verdict_lines(self)
-        return (f"<pre>{html.escape(chr(10).join(_header_lines(self)))}</pre><table>{cells}</table>"
-                f"<p style='color:{colour}'><b>{html.escape(verdict)}</b></p>"
-                f"<pre>{html.escape(chr(10).join(advice + _tail_lines(self)).strip())}</pre>")
+        from .render import render_html
+
+        return render_html(self)
 
 
 def predict(shape: ModelShape, st: Settings, memory_model: str = "auto") -> Estimate:
@@ -156,14 +240,19 @@ def plan_model(model: str, settings: Settings, machine: str | Machine = "auto", 
     """
     shape = load_shape(model, revision)
     mach = machine if isinstance(machine, Machine) else get_machine(machine, budget_gb)
+    if settings.quant_bits and shape.quantized_bits:  # --method qlora on gpt-oss: its own MXFP4 is the base
+        settings = replace(settings, quant_bits=None, quant_group=64, quant_mode="affine")
     check_settings(shape, settings)
-    return _finish(shape, settings, mach, tokens, tokens_source, memory_model)
+    return _finish(shape, settings, mach, tokens, tokens_source or ("given" if tokens else ""), memory_model)
 
 
 def plan(recipe, machine: str | Machine = "auto", tokens: int | None = None, budget_gb: float | None = None,
          memory_model: str = "auto") -> Plan:
-    """Plan the run a recipe (path or Recipe) describes; counts the dataset's tokens when it can.
+    """Plan the run a recipe (path or Recipe) describes: at its own batches when its data can be
+    read (the max_seq_len worst case beside them), else at that worst case.
 
+    Args:
+        tokens: training tokens per epoch for the time estimate (default: counted from the data).
     Raises:
         RecipeError, PlanError.
     """
@@ -171,44 +260,66 @@ def plan(recipe, machine: str | Machine = "auto", tokens: int | None = None, bud
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    st = settings_from_recipe(recipe)
-    source = "given"
-    if tokens is None:
-        tokens, source = count_epoch_tokens(recipe)
+    worst = settings_from_recipe(recipe)
     shape = load_shape(recipe.model.path, recipe.model.revision)
     mach = machine if isinstance(machine, Machine) else get_machine(machine, budget_gb)
-    check_settings(shape, st)
-    return _finish(shape, st, mach, tokens, source, memory_model)
+    check_settings(shape, worst)
+    batches, source = read_run_batches(recipe)
+    if tokens is not None:
+        source = "given with --tokens"
+    elif batches is not None:
+        tokens = batches.positions
+    else:
+        source += "; pass --tokens N"
+    return _finish(shape, settings_for_batches(worst, batches), mach, tokens, source, memory_model, batches,
+                   worst, recipe.data.max_seq_len)
 
 
-def preflight(recipe, world: int = 1) -> dict:
-    """The plan `mlxft run` makes before it loads anything: this machine, the recipe's settings
-    (each of `world` processes holds batch_size / world rows), no time estimate.
+def preflight(recipe, world: int = 1, samples=None) -> dict:
+    """The plan `mlxft run` makes before it loads the model: this machine, the recipe's settings at
+    the widest batch `samples` make (each of `world` processes holding its share of the rows), or
+    at max_seq_len without them; no time estimate.
 
     Returns:
-        {"verdict": one line, "fits", "planned_peak_bytes" (MLX's peak, comparable with the run's
-        peak_memory_bytes), "required_bytes" (with headroom), "budget_bytes", "machine", "memory_model"}.
+        {"verdict": the lines to print, "fits" (the run's own plan), "planned_peak_bytes" (MLX's peak,
+        comparable with the run's peak_memory_bytes), "required_bytes" (with headroom), "budget_bytes",
+        "machine", "memory_model", "batch" [rows, width], "worst_case_bytes" (None when the same),
+        "worst_case_fits"}.
     Raises:
         PlanError: the model's config cannot be found, or the settings are impossible.
     """
-    st = settings_from_recipe(recipe)
-    if world > 1:
-        st = replace(st, batch_size=max(1, st.batch_size // world))
+    from .render import gib
+
+    worst = settings_from_recipe(recipe)
+    batches = run_batches(recipe, samples) if samples else None
+    st = settings_for_batches(worst, batches, world)
+    worst = settings_for_batches(worst, None, world)
     shape = load_shape(recipe.model.path, recipe.model.revision)
     mach = get_machine("auto")
-    check_settings(shape, st)
+    check_settings(shape, worst)
     est = predict(shape, st)
     need, budget = est.required_bytes, mach.budget_bytes
     fits = need <= budget
     how = "fits" if fits else "DOES NOT FIT"
-    verdict = (f"plan: peak {_gib(need).strip()} of a {_gib(budget).strip()} budget on {mach.name}: {how} "
-               f"({abs(budget - need) / budget:.0%} {'to spare' if fits else 'over'}; {est.memory_model})")
-    return {"verdict": verdict, "fits": fits, "planned_peak_bytes": est.peak_bytes, "required_bytes": need,
-            "budget_bytes": budget, "machine": mach.name, "memory_model": est.memory_model}
+    shape_text = (f"batches up to {st.batch_size} x {st.seq_len + 1} tokens" if batches else
+                  f"every batch {st.batch_size} x {st.seq_len + 1} tokens (max_seq_len; the data was not read)")
+    lines = [f"plan: peak {gib(need)} of a {gib(budget)} budget on {mach.name}: {how} "
+             f"({abs(budget - need) / budget:.0%} {'to spare' if fits else 'over'}; {shape_text}; {est.memory_model})"]
+    worst_need = None
+    if st != worst:
+        worst_need = predict(shape, worst).required_bytes
+        lines.append(f"plan: if a batch were {worst.batch_size} x {worst.seq_len + 1} tokens (max_seq_len): "
+                     f"{gib(worst_need)}, {'fits' if worst_need <= budget else 'would not fit'}")
+    return {"verdict": "\n".join(lines), "fits": fits, "planned_peak_bytes": est.peak_bytes, "required_bytes": need,
+            "budget_bytes": budget, "machine": mach.name, "memory_model": est.memory_model,
+            "batch": [st.batch_size, st.seq_len + 1], "worst_case_bytes": worst_need,
+            "worst_case_fits": None if worst_need is None else worst_need <= budget}
 
 
 def check_settings(shape: ModelShape, st: Settings) -> None:
     """Reject settings no run could have, naming the option and the limit."""
+    from .render import quant_text
+
     problems = []
     if st.method != "full" and st.rank > shape.hidden:
         problems.append(f"rank {st.rank} is larger than the hidden size {shape.hidden} of {shape.name}; "
@@ -217,6 +328,9 @@ def check_settings(shape: ModelShape, st: Settings) -> None:
         problems.append(f"layers {st.layers}: the model has {shape.layers} blocks; use 1..{shape.layers} or all")
     if st.method == "full" and (st.quant_bits or shape.quantized_bits):
         problems.append("method 'full' cannot train a quantized base; use lora/dora (QLoRA) or a float base")
+    if st.quant_bits and shape.quantized_bits:
+        problems.append(f"{shape.name} is already quantized ({quant_text(shape.quantized_bits, shape.quantized_mode)}"
+                        "); remove model.quantize: a pre-quantized base trains as QLoRA as it is")
     if st.batch_size < 1 or st.seq_len < 1:
         problems.append(f"batch size {st.batch_size} and max_seq_len {st.seq_len + 1} must be positive")
     if st.method == "dora" and any(shape.copies(m) > 1 for layer in adapted_layers(shape, st)
@@ -229,189 +343,22 @@ def check_settings(shape: ModelShape, st: Settings) -> None:
         raise PlanError("impossible settings: " + "; ".join(problems))
 
 
-def _finish(shape, st, mach, tokens, tokens_source, memory_model="auto") -> Plan:
+def _finish(shape, st, mach, tokens, tokens_source, memory_model="auto", batches=None, worst=None,
+            max_seq_len=None) -> Plan:
     est = predict(shape, st, memory_model)
+    attention = batches.attention_width - 1 if batches else None
     p = Plan(shape, st, mach, est, tokens_per_epoch=tokens, tokens_source=tokens_source,
-             flops_per_token=flops_per_token(shape, st))
+             flops_per_token=flops_per_token(shape, st, attention), batches=batches, max_seq_len=max_seq_len)
+    if worst is not None and worst != st:
+        p.worst, p.worst_settings = predict(shape, worst, memory_model), worst
     p.tflops = mach.tflops(shape.dtype)
     if p.tflops is None and not mach.is_mac:
         p.tflops = measure_cpu_tflops()
     if tokens:
-        p.seconds_per_epoch = seconds_per_epoch(shape, st, mach, tokens, p.tflops)
-    if not p.fits:
-        p.suggestions = suggest(shape, st, mach, est)
+        low, high = mach.matmul_tflops or (None, None)
+        p.seconds_per_epoch = seconds_per_epoch(shape, st, mach, tokens, p.tflops, low, attention)
+        if high:
+            p.seconds_per_epoch_high = seconds_per_epoch(shape, st, mach, tokens, p.tflops, high, attention)
+    if not p.fits or p.thin_margin:
+        p.suggestions = suggest(shape, st, mach, est, batches)
     return p
-
-
-def _static(e: Estimate) -> int:
-    return sum(v for k, v in e.breakdown.items() if k in STATIC_TERMS)
-
-
-def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | None = None) -> list[dict]:
-    """Concrete single changes that make the plan fit, each re-checked with the memory model.
-
-    The searches use the formula (a replay takes seconds); when the plan's peak came from the
-    replay, the formula's step terms are scaled to agree with it at the plan's own settings."""
-    from .settings import HEADROOM_FIXED, HEADROOM_FRACTION
-
-    budget = mach.budget_bytes
-    out: list[dict] = []
-    scale = 1.0
-    if current is not None and current.memory_model != "formula":
-        f = estimate(shape, st)
-        scale = (current.peak_bytes - _static(current)) / max(f.peak_bytes - _static(f), 1)
-
-    def _required(shape, new) -> int:
-        f = estimate(shape, new)
-        peak = _static(f) + scale * (f.peak_bytes - _static(f))
-        return int(peak + HEADROOM_FIXED + HEADROOM_FRACTION * peak)
-
-    def add(key: str, value, text: str, new: Settings):
-        need = _required(shape, new)
-        out.append({"change": key, "value": value, "peak_bytes": need, "fits": need <= budget, "text": text})
-
-    fitting_b = [b for b in range(st.batch_size - 1, 0, -1) if _required(shape, replace(st, batch_size=b)) <= budget]
-    if fitting_b:
-        b = fitting_b[0]
-        add("training.batch_size", b, f"training.batch_size = {b} (with grad_accum = "
-            f"{-(-st.batch_size * st.grad_accum // b)} for the same tokens per step)", replace(st, batch_size=b))
-    L = _largest(lambda n: _required(shape, replace(st, seq_len=n - 1)) <= budget, 32, st.seq_len)
-    if L:
-        add("data.max_seq_len", L, f"data.max_seq_len = {L} (longer samples are truncated or dropped)",
-            replace(st, seq_len=L - 1))
-    if not st.grad_checkpointing:
-        add("training.grad_checkpointing", True, "training.grad_checkpointing = true (~30% slower)",
-            replace(st, grad_checkpointing=True))
-    if st.method != "full" and not (st.quant_bits or shape.quantized_bits):
-        add("model.quantize", {"bits": 4, "group_size": 64}, "QLoRA: model.quantize = { bits = 4, group_size = 64 }",
-            replace(st, quant_bits=4, quant_group=64))
-    if st.method == "full":
-        add("adapter.method", "lora", "adapter.method = 'lora' instead of full fine-tuning",
-            replace(st, method="lora"))
-    n_now = st.layers or shape.layers
-    n = _largest(lambda k: _required(shape, replace(st, layers=k)) <= budget, 1, n_now - 1)
-    if n:
-        add("adapter.layers", n, f"adapter.layers = {n} (adapt only the last {n} block{'s' if n > 1 else ''})", replace(st, layers=n))
-    if not any(s["fits"] for s in out):
-        combo = replace(st, grad_checkpointing=True, quant_bits=st.quant_bits or (4 if st.method != "full" else None))
-        b = next((b for b in range(st.batch_size, 0, -1) if _required(shape, replace(combo, batch_size=b)) <= budget), 1)
-        combo = replace(combo, batch_size=b)
-        Lc = _largest(lambda k: _required(shape, replace(combo, seq_len=k - 1)) <= budget, 32, combo.seq_len + 1)
-        if Lc:
-            combo = replace(combo, seq_len=Lc - 1)
-            add("combined", {"grad_checkpointing": True, "quant_bits": combo.quant_bits, "batch_size": b, "max_seq_len": Lc},
-                f"together: grad checkpointing{', 4-bit QLoRA' if combo.quant_bits and not st.quant_bits else ''}, "
-                f"batch_size = {b}, max_seq_len = {Lc}", combo)
-    cmd = sysctl_advice(mach, _required(shape, st))
-    if cmd:
-        out.append({"change": "iogpu.wired_limit_mb", "value": int(cmd.split("=")[1].split()[0]),
-                    "peak_bytes": _required(shape, st), "fits": True, "text": cmd})
-    # Only changes that fit are worth printing, and the ones that do not say why they are missing.
-    return [s for s in out if s["fits"]]
-
-
-def _largest(ok, lo: int, hi: int) -> int | None:
-    """Largest multiple of 32 (or integer when lo == 1) in [lo, hi] with ok(n); None if none."""
-    step = 32 if lo == 32 else 1
-    cands = list(range(lo, hi + 1, step))
-    if not cands or not ok(cands[0]):
-        return None
-    a, b = 0, len(cands) - 1
-    while a < b:  # memory grows with n: binary search for the last fitting candidate
-        m = (a + b + 1) // 2
-        a, b = (m, b) if ok(cands[m]) else (a, m - 1)
-    return cands[a]
-
-
-def count_epoch_tokens(recipe) -> tuple[int | None, str]:
-    """Padded tokens of one epoch, by running the data pipeline, when the tokenizer is at hand."""
-    try:
-        from ..data import load_datasets
-        from ..data import recipe_tokenizer
-
-        splits = load_datasets(recipe, recipe_tokenizer(recipe))
-        # the data stage batched the first epoch for its report: rows x padded width, as collate pads
-        batching = splits.stats["batching"]
-        padded, real = batching["positions"], splits.stats["train"]["tokens"]
-        return int(padded), f"{real:,} dataset tokens, {padded:,} with padding, in {batching['batches_per_epoch']} batches"
-    except Exception as e:  # no tokenizer offline, data missing: the plan still stands without time
-        return None, f"dataset not counted ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); pass --tokens N"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:7.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:7.1f} MiB"
-
-
-def render(p: Plan) -> str:
-    lines = _header_lines(p) + [""]
-    for k, v in p.breakdown().items():
-        if v:
-            lines.append(f"  {k:<26} {_gib(v)}")
-    m = p.machine
-    lines += [f"  {'-' * 38}",
-              f"  {'total peak':<26} {_gib(p.peak_bytes)}   (MLX peak {_gib(p.estimate.peak_bytes).strip()} + headroom;"
-              f" {p.estimate.memory_model})",
-              f"  {'machine budget':<26} {_gib(m.budget_bytes)}", ""]
-    return "\n".join(lines + _verdict_lines(p) + _tail_lines(p))
-
-
-def _header_lines(p: Plan) -> list[str]:
-    st, sh, m = p.settings, p.shape, p.machine
-    method = st.method + (f" on a {st.quant_bits}-bit base (QLoRA)" if st.quant_bits else
-                          f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
-    layers = "all" if st.layers is None else f"last {st.layers} of"
-    moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}"
-           if sh.is_moe else "")
-    return [
-        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; config: {sh.source})",
-        f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size} x {st.seq_len + 1} tokens"
-        f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
-        f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
-        f"machine  {m.name} ({m.chip}, {m.memory_bytes / 2**30:.0f} GiB); budget {m.budget_bytes / 2**30:.2f} GiB "
-        f"= {m.budget_source}",
-    ]
-
-
-def _verdict_lines(p: Plan) -> list[str]:
-    """The verdict, then what to change when it does not fit."""
-    if p.fits:
-        return [f"FITS with {_gib(p.margin_bytes).strip()} to spare ({p.margin_bytes / p.machine.budget_bytes:.0%} of the budget)"]
-    lines = [f"DOES NOT FIT: {_gib(-p.margin_bytes).strip()} over the budget"]
-    if p.suggestions:
-        lines.append("Any one of these fits:")
-        lines += [f"  - {s['text']}" + ("" if s["change"] == "iogpu.wired_limit_mb" else
-                  f"  -> {_gib(s['peak_bytes']).strip()}") for s in p.suggestions]
-    else:
-        lines.append("No single change fits; this model needs a machine with more memory.")
-    return lines
-
-
-def _tail_lines(p: Plan) -> list[str]:
-    """Notes, the probe's correction, the time per epoch and the several-Macs estimate."""
-    lines = [f"note: {note}" for note in p.estimate.notes]
-    if p.calibration:
-        c = p.calibration
-        lines.append(f"probe: measured {c['measured_bytes'] / 2**20:.0f} MiB vs predicted {c['predicted_bytes'] / 2**20:.0f} MiB "
-                     f"at batch {c['batch_size']} x {c['seq_len']} tokens; activation terms scaled by {c['scale']:.3f}")
-    lines += ["", time_text(p)]
-    if p.cluster:
-        from .cluster import cluster_text
-
-        lines.append(cluster_text(p.cluster))
-    return lines
-
-
-def time_text(p: Plan) -> str:
-    tf = p.tflops
-    if p.seconds_per_epoch is None:
-        why = p.tokens_source or "no token count; pass --tokens N"
-        return f"time per epoch: unknown ({why})"
-    s = p.seconds_per_epoch
-    human = f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.1f} s"
-    return (f"time per epoch ~ {human}  = tokens x FLOPs/token / (efficiency x peak FLOP/s)\n"
-            f"  = {p.tokens_per_epoch:,} x {p.flops_per_token / 1e9:.3g} GFLOP / ({EFFICIENCY} x {tf:.3g} TFLOP/s)"
-            f"   [{p.tokens_source}]")
-
-
-from .machines import sysctl_advice  # noqa: E402
-from .timing import EFFICIENCY, flops_per_token, measure_cpu_tflops, seconds_per_epoch  # noqa: E402

@@ -29,6 +29,7 @@ class Settings:
     method: str = "lora"  # lora | dora | full
     quant_bits: int | None = None
     quant_group: int = 64
+    quant_mode: str = "affine"  # affine | mxfp4 | nvfp4 | mxfp8 (recipe.QUANT_MODES)
     rank: int = 16
     layers: int | None = None  # adapted blocks, the last N; None = all
     targets: tuple[str, ...] = ("all-linear",)
@@ -86,24 +87,41 @@ def lora_params(shape: ModelShape, st: Settings, layer: int) -> int:
     return n + (sum(o for _, o in mods.values()) if st.method == "dora" else 0)
 
 
+def quant_of(shape: ModelShape, st: Settings, path: str, module: str = "") -> tuple[int, int, str] | None:
+    """(bits, group, mode) the run stores the weight at `path` in, None for float. Quantized on load
+    (model.quantize): every Linear/Embedding/SwitchLinear, routers as the model's quant_predicate
+    says (8-bit affine, group 64); a pre-quantized checkpoint: as its config says."""
+    if st.quant_bits:
+        if shape.router(module) and shape.router_bits:
+            return shape.router_bits, 64, "affine"
+        return st.quant_bits, st.quant_group, st.quant_mode
+    return shape.checkpoint_quant(path)
+
+
 def weight_bytes(shape: ModelShape, st: Settings) -> tuple[int, int]:
-    """(weights, quantization scales+biases) in bytes, as mlx-lm stores them."""
+    """(weights, quantization scales+biases) in bytes, as mlx-lm stores them.
+
+    A quantized matrix is `bits` per weight plus, per group, a scale and a bias in the model dtype
+    (affine) or one 8-bit scale (mxfp4, nvfp4, mxfp8: no bias); a matrix whose input width does
+    not divide by the group stays float, as mlx-lm's quantize_model leaves it."""
     s = shape.dtype_bytes
-    bits = st.quant_bits or shape.quantized_bits
-    group = st.quant_group if st.quant_bits else (shape.quantized_group_size or 64)
-    small = shape.layers * shape.block_small_params() + shape.hidden
-    # (last dim, elements, bits, group) of every matrix; a SwitchLinear is `experts` of them
-    mats = [(i, i * o * shape.copies(m), *((shape.router_bits, 64) if shape.router(m) and shape.router_bits
-                                          else (bits, group)))
+    small = sum(shape.block_small_params(layer) for layer in range(shape.layers)) + shape.hidden
+    # (input width, elements, quantization) of every matrix; a SwitchLinear is `experts` of them
+    mats = [(i, i * o * shape.copies(m), quant_of(shape, st, f"model.layers.{layer}.{m}", m))
             for layer in range(shape.layers) for m, (i, o) in shape.linears(layer).items()]
-    mats += [(shape.hidden, shape.hidden * shape.vocab, bits, group)] * (1 if shape.tied else 2)
-    if not bits:
-        return (sum(n for _, n, _, _ in mats) + small) * s, 0
-    # mlx-lm quantizes every Linear/Embedding/SwitchLinear whose last dim divides by the group size;
-    # a model's quant_predicate may pick other bits for some (qwen3_moe's router: 8 bits, group 64).
-    q = [(n, b, g) for i, n, b, g in mats if i % group == 0]
-    dense = sum(n for i, n, _, _ in mats if i % group != 0) + small
-    return int(sum(n * b / 8 for n, b, _ in q) + dense * s), int(sum(n / g * 2 * s for n, _, g in q))
+    embed = shape.hidden * shape.vocab
+    mats.append((shape.hidden, embed, quant_of(shape, st, "model.embed_tokens")))
+    if not shape.tied:
+        mats.append((shape.hidden, embed, quant_of(shape, st, "lm_head")))
+    weights, overhead = small * s, 0.0
+    for width, n, q in mats:
+        if q is None or width % q[1]:
+            weights += n * s
+            continue
+        bits, group, mode = q
+        weights += n * bits / 8
+        overhead += n / group * (2 * s if mode == "affine" else 1)
+    return int(weights), int(overhead)
 
 
 def trainable_params(shape: ModelShape, st: Settings) -> int:
@@ -119,13 +137,19 @@ def model_notes(shape: ModelShape, st: Settings) -> list[str]:
     notes = []
     if st.method == "dora" and (st.quant_bits or shape.quantized_bits):
         notes.append("QDoRA keeps a dequantized copy of every DoRA layer's weight for the backward pass")
+    if shape.sliding_layers:
+        notes.append(f"{shape.sliding_layers} of {shape.layers} blocks use sliding-window attention "
+                     f"({shape.sliding_window} tokens), but MLX computes the full L x L scores when training: "
+                     "their memory and time are counted as full attention")
+    if shape.sinks:
+        notes.append("attention sinks: one learned logit per head joins each row's softmax (counted)")
     if not shape.is_moe:
         return notes
     notes.append(f"mixture of experts: {shape.experts} experts, top-{shape.experts_per_tok}; every expert's "
                  f"weights are held, activations and time per epoch count the top-{shape.experts_per_tok} "
                  f"({shape.total_params(active=True) / 1e9:.2f}B of {shape.total_params() / 1e9:.2f}B "
                  "parameters active per token)")
-    if shape.model_type not in ("qwen3_moe", "mixtral"):
+    if shape.model_type not in ("qwen3_moe", "mixtral", "gpt_oss"):
         notes.append(f"{shape.model_type}: modelled like qwen3_moe (routed experts only); shared experts or "
                      "other MoE parts of this architecture are not counted")
     return notes

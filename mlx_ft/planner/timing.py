@@ -25,10 +25,18 @@ from .settings import Settings, n_adapted
 EFFICIENCY = 0.40
 """Sustained share of peak GPU FLOP/s: two published MLX LoRA runs decompose to 39% and 44%
 (planner-facts §3.9); small models and short rows do worse (per-step overhead dominates)."""
+GEMM_EFFICIENCY = 0.80
+"""A 16-bit GEMM's share of FP32 peak on an M1-M4 GPU: torch-MPS fp16 on an M4 Max measured 14.8 of
+18.4 TFLOP/s (planner-facts §1) [est: one measurement]. With EFFICIENCY it splits a step in two:
+the matmuls at this rate take EFFICIENCY / GEMM_EFFICIENCY = half the time, the rest (element-wise
+ops, softmax, memory traffic, dispatch) the other half. On a GPU with matrix units (M5) only the
+matmul half speeds up."""
 
 
-def flops_per_token(shape: ModelShape, st: Settings) -> float:
-    L, n_t = st.seq_len, n_adapted(shape, st)
+def flops_per_token(shape: ModelShape, st: Settings, attn_len: float | None = None) -> float:
+    """Training FLOPs per padded token; `attn_len`: the row length attention runs over, when the
+    batches are narrower than st.seq_len (the token-weighted mean width of the epoch's batches)."""
+    L, n_t = (attn_len or st.seq_len), n_adapted(shape, st)
     # A token goes through its top-k experts only: a MoE block's matmul FLOPs are its active ones.
     blocks = [shape.matmul_params(layer, active=True) for layer in range(shape.layers)]
     head = shape.vocab * shape.hidden
@@ -44,12 +52,20 @@ def flops_per_token(shape: ModelShape, st: Settings) -> float:
 
 
 def seconds_per_epoch(shape: ModelShape, st: Settings, machine: Machine, tokens: int,
-                      tflops: float | None = None) -> float | None:
-    """Estimated seconds for `tokens` padded tokens; None when the machine's FLOP/s are unknown."""
+                      tflops: float | None = None, matmul_tflops: float | None = None,
+                      attn_len: float | None = None) -> float | None:
+    """Estimated seconds for `tokens` padded tokens; None when the machine's FLOP/s are unknown.
+
+    Without matrix units: tokens x FLOPs/token / (EFFICIENCY x peak). With them (`matmul_tflops`,
+    the M5 family): the matmul half of the step at that rate, the other half as before
+    (tokens x FLOPs/token x (1 / matmul rate + (1/EFFICIENCY - 1/GEMM_EFFICIENCY) / peak))."""
     peak = tflops or machine.tflops(shape.dtype)
     if not peak:
         return None
-    return tokens * flops_per_token(shape, st) / (EFFICIENCY * peak * 1e12)
+    flops = tokens * flops_per_token(shape, st, attn_len)
+    if matmul_tflops:
+        return flops / (matmul_tflops * 1e12) + flops * (1 / EFFICIENCY - 1 / GEMM_EFFICIENCY) / (peak * 1e12)
+    return flops / (EFFICIENCY * peak * 1e12)
 
 
 def measure_cpu_tflops(seconds: float = 0.3) -> float:

@@ -59,6 +59,7 @@ class Traced:
 def build_model(shape: ModelShape, st: Settings, config: dict):
     """The mlx-lm model of `config` with lazy weights, quantized and adapted as `st` says."""
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx_lm.utils import _get_classes
 
     from .. import models
@@ -82,13 +83,21 @@ def build_model(shape: ModelShape, st: Settings, config: dict):
         raise TraceError(f"mlx-lm cannot build {shape.name} from its config")
     model = model_cls(args)
     model.set_dtype({"float32": mx.float32, "float16": mx.float16}.get(shape.dtype, mx.bfloat16))
-    bits = st.quant_bits or shape.quantized_bits
-    if bits:
-        models.quantize(model, bits, st.quant_group if st.quant_bits else (shape.quantized_group_size or 64))
+    if st.quant_bits:
+        models.quantize(model, st.quant_bits, st.quant_group, st.quant_mode)
+    elif shape.quantized_bits:  # a pre-quantized checkpoint: what mlx-lm's load quantizes
+        nn.quantize(model, class_predicate=lambda path, m: _checkpoint_params(shape, path, m))
     targets = "all-linear" if "all-linear" in st.targets else list(st.targets)
     models.apply_adapters(model, AdapterConfig(method=st.method, rank=st.rank, targets=targets,
                                                layers="all" if st.layers is None else st.layers))
     return model
+
+
+def _checkpoint_params(shape: ModelShape, path: str, module) -> dict | bool:
+    q = shape.checkpoint_quant(path)
+    if q is None or not hasattr(module, "to_quantized") or module.weight.shape[-1] % q[1]:
+        return False
+    return {"bits": q[0], "group_size": q[1], "mode": q[2]}
 
 
 def _optimizer(st: Settings):
