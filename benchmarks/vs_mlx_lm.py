@@ -128,23 +128,20 @@ def build(sc: Scenario, root: Path) -> dict:
 
 
 def _samples(model_dir: str, jsonl: Path, max_seq_len: int):
+    """The rendered samples of one file, as mlx_ft trains on them (nothing cached)."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_ft.data.dataset import _render_all
-    from mlx_ft.data.formats import read_file
-    from mlx_ft.recipe import DataConfig
+    from mlx_ft.data import load_datasets
+    from mlx_ft.recipe import recipe_from_dict
 
-    cfg = DataConfig(train=str(jsonl), train_on="last", max_seq_len=max_seq_len)
-    tok = load_tokenizer(Path(model_dir))
-    _, records = read_file(Path(jsonl), cfg)
-    samples, _ = _render_all(records, tok, cfg, 0)
-    return samples
+    recipe = recipe_from_dict({"model": {"path": model_dir}, "data": {
+        "train": str(jsonl), "train_on": "last", "max_seq_len": max_seq_len, "cache": False}})
+    return load_datasets(recipe, load_tokenizer(Path(model_dir))).train
 
 
 def _count(model_dir, jsonl, max_seq_len):
     s = _samples(model_dir, jsonl, max_seq_len)
-    lengths = [len(x.tokens) for x in s]
-    return sum(lengths), sum(sum(x.mask) for x in s), lengths
+    return int(s.lengths.sum()), int(s.supervised.sum()), s.lengths.tolist()
 
 
 # -- the two tools, each in a child process --------------------------------------------------------
@@ -237,7 +234,7 @@ def _valid_loss(model_dir: str, adapters: str, valid: Path, max_seq_len: int) ->
     model.eval()
     total, count = 0.0, 0.0
     for s in _samples(model_dir, valid, max_seq_len):
-        tokens = mx.array([s.tokens])
+        tokens = mx.array([s.tokens.astype("int32")])
         mask = mx.array([s.mask])
         ls, n = loss_sum(model, tokens, mask, chunk_size=0)
         total, count = total + ls.item(), count + n.item()

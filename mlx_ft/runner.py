@@ -10,7 +10,6 @@ data stage needs a tokenizer but not the model stage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from .report import Callback
 HARMLESS_ON_RESUME = {
     "training.eval_every", "training.eval_batches", "training.save_every", "training.keep_checkpoints",
     "training.report_every", "training.early_stopping_patience", "training.resume", "data.valid",
-    "data.valid_fraction", "model.revision", "model.trust_remote_code",
+    "data.valid_fraction", "model.revision", "model.trust_remote_code", "data.cache", "data.cache_dir",
 }
 
 __all__ = ["Callback", "TrainResult", "train"]
@@ -158,7 +157,7 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None))
     run = prepare_run_dir(recipe, resume, overwrite, primary=rank == 0)
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
-    splits = data.load_datasets(recipe, tokenizer)
+    splits = data.load_datasets(recipe, tokenizer, progress=echo is print and rank == 0)
     # Seeded here, after loading: building the builtin demo model on first use draws from the
     # global RNG too, and the adapter's initial weights must depend on training.seed alone.
     mx.random.seed(t.seed)
@@ -174,9 +173,9 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     total_steps = t.steps or splits.stats["batching"]["steps_per_epoch"] * (t.epochs or 1)
     optimizer = build_optimizer(t, total_steps)
     optimizer.init(model.trainable_parameters())
-    meta = {"recipe": _flat(recipe), "data_fingerprint": _fingerprint(splits.train), "base_model": base_ref,
+    meta = {"recipe": _flat(recipe), "data_fingerprint": splits.fingerprint, "base_model": base_ref,
             "world_size": world}
-    latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
+    latest, loop = _resume_from(run, meta, model, optimizer, splits) if resume else (None, ckpt.LoopState())
     return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, loss_fn, optimizer,
                      total_steps, meta, loop, latest, n_trainable, n_total, planned)
 
@@ -220,14 +219,14 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool, primary: bool
                           "--overwrite to replace it, or set another output.dir")
 
 
-def _resume_from(run: Path, meta: dict, model, optimizer) -> tuple[Path | None, ckpt.LoopState]:
+def _resume_from(run: Path, meta: dict, model, optimizer, splits) -> tuple[Path | None, ckpt.LoopState]:
     """Load the newest complete checkpoint after checking it was made by a compatible recipe."""
     latest = ckpt.latest(run)
     if latest is None:
         return None, ckpt.LoopState()
     saved = json.loads((latest / ckpt.STATE).read_text())
     refused, allowed = ckpt.mismatches(saved["recipe"], meta["recipe"], HARMLESS_ON_RESUME)
-    if saved.get("data_fingerprint") != meta["data_fingerprint"]:
+    if not _same_data(saved.get("data_fingerprint"), meta["data_fingerprint"], splits):
         refused.append("data: the training samples differ from the checkpoint's (files changed?)")
     if saved.get("world_size", 1) != meta["world_size"]:
         refused.append(f"world size: the checkpoint was written by {saved.get('world_size', 1)} process(es), "
@@ -245,13 +244,14 @@ def _flat(recipe: Recipe) -> dict:
     return {f"{t}.{k}": v for t, table in recipe.to_dict().items() for k, v in table.items()}
 
 
-def _fingerprint(samples) -> str:
-    """Hash of the tokenized training set: resuming on different data is refused."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(bytes(str(s.tokens), "ascii"))
-        h.update(bytes(str(s.mask), "ascii"))
-    return h.hexdigest()[:16]
+def _same_data(saved: str | None, current: str, splits) -> bool:
+    """The checkpoint was trained on these samples. Checkpoints from before the data cache hold
+    a hash of every sample's tokens instead of the cache's fingerprint: that is computed then."""
+    from .data.dataset import legacy_fingerprint
+
+    if saved == current:
+        return True
+    return bool(saved) and not saved.startswith("v2:") and saved == legacy_fingerprint(splits.train)
 
 
 def _init_distributed(timeout: float | None = None):
