@@ -28,7 +28,6 @@ from .formats import check_format, detect, normalise
 from .sources import read_jsonl_range, record_batches, where
 from .store import Chunk
 
-KIND = "sft"
 COLUMNS = {"origin": "int64", "chars": "int64", "status": "uint8", "supervised": "int32", "first_sup": "int32",
            "first_content": "int32"}
 """Per record: its line (row for Parquet); characters of text; RENDERED or OVERSIZE; supervised
@@ -42,6 +41,7 @@ averages about 4): far more than a sample can keep, and never a legitimate one."
 PARALLEL_MIN_BYTES = 8 << 20
 """Below this much data to render, workers would cost more to start than they save."""
 RECORDS_PER_BATCH = 1024  # JSON arrays and Parquet: records per chunk
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 64 << 10, 4 << 20  # JSONL: ~16 chunks per worker within these
 
 
 def char_bound(max_seq_len: int) -> int:
@@ -55,8 +55,26 @@ def oversize_error(where_: str, chars: int, max_seq_len: int) -> DataError:
         "into smaller records or remove it, or set data.truncation = 'drop' to leave such records out")
 
 
-def group_fields(token_dtype) -> dict[str, dict[str, str]]:
-    return {"sample": {"tokens": np.dtype(token_dtype).name, "mask": "bool"}}
+@dataclass(frozen=True)
+class Kind:
+    """A kind of rendered sample the cache stores, each in entries of its own (`<name>-<key>`,
+    the name also a key component): the function that renders a chunk of a file into a
+    `store.Chunk` ("module:function", imported by the workers too), its per-record columns
+    (every kind has origin, chars and status) and its ragged groups, field -> dtype, where
+    "token" is the tokenizer's (uint16 or int32)."""
+
+    name: str
+    render: str
+    columns: dict[str, str]
+    groups: dict[str, dict[str, str]]
+
+    def fields(self, token_dtype) -> dict[str, dict[str, str]]:
+        return {g: {f: np.dtype(token_dtype).name if dt == "token" else dt for f, dt in fields.items()}
+                for g, fields in self.groups.items()}
+
+
+SFT = Kind("sft", "mlx_ft.data.build:render_chunk", COLUMNS, {"sample": {"tokens": "token", "mask": "bool"}})
+"""One sequence per record: its tokens and its mask of supervised tokens."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,15 @@ class FileJob:
     cfg: DataConfig
     first_format: str | None  # of the file's first record: every other must agree
     first_where: str | None
+    render: str = SFT.render
+
+
+def render_job(job: FileJob, part: tuple, renderer) -> Chunk:
+    """Render one chunk with the job's kind's function."""
+    import importlib
+
+    module, name = job.render.split(":")
+    return getattr(importlib.import_module(module), name)(job, part, renderer)
 
 
 def render_chunk(job: FileJob, part: tuple, renderer) -> Chunk:
@@ -177,13 +204,13 @@ class Workers:
         """(part, its rendered chunk) for each of `parts`, in order."""
         if self.n == 0:
             for part in parts:
-                yield part, render_chunk(job, part, self.renderer)
+                yield part, render_job(job, part, self.renderer)
             return
         if self.pool is None:
             from .worker import Pool
 
             self.pool = Pool(self.renderer, self.n)
-        yield from self.pool.map(render_chunk, job, parts)
+        yield from self.pool.map(job, parts)
 
     def close(self) -> None:
         if self.pool is not None:

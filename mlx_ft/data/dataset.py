@@ -116,12 +116,15 @@ class FileRecords:
         return ArrayStore(g.values["tokens"], g.values["mask"], self.entry.key)
 
 
-class _Files:
+class Files:
     """Opens the rendered records of data files: from the cache when an entry for the file's
-    content and these rendering settings exists, else by rendering them (in parallel)."""
+    content and these rendering settings exists, else by rendering them (in parallel).
 
-    def __init__(self, cfg: DataConfig, tokenizer, progress: bool):
-        self.cfg, self.progress = cfg, progress
+    `kind`: what a record renders to (`build.SFT`: one sequence and its mask); another kind
+    (preference pairs) brings its own render function and arrays and is cached alike."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, progress: bool, kind: build.Kind = build.SFT):
+        self.cfg, self.progress, self.kind = cfg, progress, kind
         self.renderer = Renderer(tokenizer)
         self.dir = store.cache_dir_of(cfg) if cfg.cache else None
         self.state = "off" if self.dir is None else "ok"
@@ -133,7 +136,7 @@ class _Files:
                 self.state = "unwritable"
             else:
                 store.remove_leftovers(self.dir)
-        components = {"format_version": store.FORMAT_VERSION, "kind": build.KIND,
+        components = {"format_version": store.FORMAT_VERSION, "kind": kind.name,
                       "tokenizer": self.renderer.identity(), "chat_template": store.digest(self.renderer.template()),
                       "train_on": cfg.train_on, "format": cfg.format, "prompt_key": cfg.prompt_key,
                       "completion_key": cfg.completion_key, "text_key": cfg.text_key}
@@ -144,7 +147,7 @@ class _Files:
         return store.digest({**self.components, "content": content})
 
     def _entry_path(self, key: str) -> Path | None:
-        return None if self.dir is None else self.dir / f"{build.KIND}-{key}"
+        return None if self.dir is None else self.dir / f"{self.kind.name}-{key}"
 
     def _open(self, key: str) -> store.Entry | None:
         """The cached entry for `key` if it is whole and holds every record this recipe needs."""
@@ -176,7 +179,7 @@ class _Files:
         n = build.default_workers() if self.renderer.portable else 0
         if "MLX_FT_DATA_WORKERS" not in os.environ and total < build.PARALLEL_MIN_BYTES:
             n = 0
-        chunk_bytes = int(np.clip(total // (max(n, 1) * 16), 64 << 10, 4 << 20))
+        chunk_bytes = int(np.clip(total // (max(n, 1) * 16), build.MIN_CHUNK_BYTES, build.MAX_CHUNK_BYTES))
         workers = build.Workers(self.renderer, n)
         progress = build.Progress(total, self.progress and total >= build.PARALLEL_MIN_BYTES)
         try:
@@ -199,16 +202,16 @@ class _Files:
                 return FileRecords(path, kind, entry, True)
         final = self._entry_path(key) if self.state == "ok" else None
         fmt, first_where = build.first_format(path, kind, self.cfg)
-        job = build.FileJob(str(path), kind, self.cfg, fmt, first_where)
+        job = build.FileJob(str(path), kind, self.cfg, fmt, first_where, self.kind.render)
         try:
-            writer = store.Writer(final, build.COLUMNS, build.group_fields(self.renderer.token_dtype))
+            writer = store.Writer(final, self.kind.columns, self.kind.fields(self.renderer.token_dtype))
         except OSError as e:
             raise store.write_error(final, e) from None
         formats: set[str] = set()
         oversize = None
         try:
             for part, chunk in workers.map(job, build.parts_of(path, kind, sc.chunks)):
-                writer.append(chunk)
+                _write(writer.append, chunk, final)
                 formats.update(chunk.info["formats"])
                 big = chunk.columns["chars"][chunk.columns["status"] == build.OVERSIZE]
                 if len(big):
@@ -218,17 +221,22 @@ class _Files:
                 progress.update(path.stat().st_size, 0)
             if writer.n == 0:
                 raise DataError(f"{path}: the file has no records")
-            meta = {"key": key, "kind": build.KIND, "components": {**self.components, "content": sc.content},
+            meta = {"key": key, "kind": self.kind.name, "components": {**self.components, "content": sc.content},
                     "source": {"path": str(path.resolve()), "size": path.stat().st_size},
                     "file_format": file_format(fmt, formats), "origin": kind, "min_oversize_chars": oversize}
-            entry = writer.finish(meta)
-        except OSError as e:
-            writer.abort()
-            raise store.write_error(final or path, e) from None
+            entry = _write(writer.finish, meta, final)
         except BaseException:
             writer.abort()
             raise
         return FileRecords(path, kind, entry, False)
+
+
+def _write(method, arg, final: Path | None):
+    """A cache write; a refused one (a full disk) becomes the error that says what to do."""
+    try:
+        return method(arg)
+    except OSError as e:
+        raise store.write_error(final, e) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +336,7 @@ def load_datasets(recipe: Recipe, tokenizer, progress: bool = False) -> Splits:
                                 "remove the source instead of weighting it 0")
     train_files = [resolve_files(n, "train") for n in names]
     valid_files = resolve_files(cfg.valid, "validation") if cfg.valid is not None else []
-    files = _Files(cfg, tokenizer, progress)
+    files = Files(cfg, tokenizer, progress)
     wanted = list(dict.fromkeys(p for fs in train_files + [valid_files] for p in fs))
     opened = files.open(wanted)
     sources = [_Records.of([opened[p] for p in fs]) for fs in train_files]

@@ -50,7 +50,8 @@ class Renderer:
     """
 
     def __init__(self, tokenizer):
-        self.hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        inner = getattr(tokenizer, "_tokenizer", None)  # mlx-lm's wrapper holds the Hugging Face one
+        self.hf = inner if hasattr(inner, "apply_chat_template") else tokenizer
         self._wrapper = tokenizer
         self.eot_ids = np.array(sorted(_end_of_turn_ids(tokenizer)), dtype=np.int64)
         self.eos_id = getattr(tokenizer, "eos_token_id", None)
@@ -245,7 +246,7 @@ def _spans(record: Record, got: dict, k: int, train_on: str) -> tuple[str, list[
 def _wrapper_kwargs(tokenizer) -> dict | None:
     """The keyword arguments mlx-lm's TokenizerWrapper adds to every template call (its
     thinking switch), or None when it renders with a chat renderer of its own."""
-    if getattr(tokenizer, "_tokenizer", None) is None:
+    if not hasattr(getattr(tokenizer, "_tokenizer", None), "apply_chat_template"):
         return {}  # a Hugging Face tokenizer itself
     if getattr(tokenizer, "_chat_template", None) is not None:
         return None
@@ -254,7 +255,8 @@ def _wrapper_kwargs(tokenizer) -> dict | None:
 
 
 def _end_of_turn_ids(tokenizer) -> set[int]:
-    ids = set(getattr(tokenizer, "eos_token_ids", None) or ())
+    listed = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm's wrapper: a set; transformers 5: an int
+    ids = {listed} if isinstance(listed, int) else set(listed or ())
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

@@ -44,15 +44,18 @@ class Pool:
     """`n` worker processes; `map` renders parts in order, one in flight per worker."""
 
     def __init__(self, renderer, n: int):
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # one process per core already
+        # One process per core already: no tokenizer thread pool. The parent's sys.path, so a
+        # notebook that made mlx_ft importable by editing sys.path has workers that find it too.
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         renderer_bytes = pickle.dumps(renderer)
         self.procs = [subprocess.Popen([sys.executable, "-m", "mlx_ft.data.worker"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, env=env) for _ in range(n)]
         for p in self.procs:
             _send(p.stdin, renderer_bytes)
 
-    def map(self, render, job, parts) -> Iterator[tuple]:
-        """(part, render(job, part)) for each part, in order; at most 2 results wait per worker."""
+    def map(self, job, parts) -> Iterator[tuple]:
+        """(part, its rendered chunk) for each part, in order; at most 2 results wait per worker."""
         parts = iter(parts)
         lock, ready = threading.Lock(), threading.Condition()
         results: dict[int, tuple] = {}
@@ -140,8 +143,11 @@ class Pool:
 
 def main() -> None:
     """The worker loop."""
-    from .build import render_chunk
+    from .build import render_job
 
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes us
     # The pipe to the parent is the protocol: anything a library prints goes to stderr instead.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -156,7 +162,7 @@ def main() -> None:
             return
         job, part = msg
         try:
-            answer = ("ok", render_chunk(job, part, renderer))
+            answer = ("ok", render_job(job, part, renderer))
         except DataError as e:
             answer = ("error", e)
         except Exception as e:  # a bug: hand it over with its traceback
