@@ -48,13 +48,15 @@ def recipe(train, cache_dir, seed=0, **data):
 def assert_same(a, b, pack=False):
     """Same samples (tokens, masks, sources), same batches of an epoch, same counts."""
     L = a.stats["batching"]["max_seq_len"]
-    for x, y in [(a.train, b.train)] + ([(a.valid, b.valid)] if a.valid is not None or b.valid is not None else []):
+    assert (a.valid is None) == (b.valid is None)
+    for x, y in [(a.train, b.train)] + ([(a.valid, b.valid)] if a.valid is not None else []):
         assert len(x) == len(y)
-        assert all(np.array_equal(s.tokens, t.tokens) and np.array_equal(s.mask, t.mask) and s.source == t.source
-                   for s, t in zip(x, y))
+        assert all(np.array_equal(s.tokens, t.tokens) and np.array_equal(s.mask, t.mask)
+                   and s.source == t.source for s, t in zip(x, y))
     assert list(epoch_batches(a.train, 3, L, pack, 5, 1)) == list(epoch_batches(b.train, 3, L, pack, 5, 1))
     skip = {"cache", "cache_dir", "cache_entries", "seconds"}
-    assert {k: v for k, v in a.stats.items() if k not in skip} == {k: v for k, v in b.stats.items() if k not in skip}
+    assert {k: v for k, v in a.stats.items() if k not in skip} == \
+        {k: v for k, v in b.stats.items() if k not in skip}
 
 
 def test_cached_equals_uncached_and_opens_warm(tmp_path, tok):
@@ -62,7 +64,8 @@ def test_cached_equals_uncached_and_opens_warm(tmp_path, tok):
     b = write(tmp_path / "b.jsonl", chat_corpus(20, seed=2))
     r = recipe([str(a), str(b)], tmp_path / "cache", weights=[1.0, 2.0], valid_fraction=0.1, pack=True)
     cold, warm = load_datasets(r, tok), load_datasets(r, tok)
-    off = load_datasets(recipe_from_dict({**r.to_dict(), "data": {**r.to_dict()["data"], "cache": False}}), tok)
+    d = r.to_dict()
+    off = load_datasets(recipe_from_dict({**d, "data": {**d["data"], "cache": False}}), tok)
     assert (cold.stats["cache"], warm.stats["cache"], off.stats["cache"]) == ("miss", "hit", "off")
     assert len(cold.stats["cache_entries"]) == 2 and off.stats["cache_entries"] == []
     assert_same(cold, warm, pack=True)
@@ -199,7 +202,8 @@ def test_weights_and_another_path_reuse_the_rendered_file(tmp_path, tok):
     mixed = load_datasets(recipe([str(f), str(copy)], cache, weights=[3.0, 1.0]), tok)
     assert mixed.stats["cache"] == "hit" and len(store.list_entries(cache)) == 1  # same content, one entry
     assert [s["epoch_samples"] for s in mixed.stats["sources"]] == [36, 12]
-    assert_same(mixed, load_datasets(recipe([str(f), str(copy)], cache, weights=[3.0, 1.0], cache=False), tok))
+    uncached = load_datasets(recipe([str(f), str(copy)], cache, weights=[3.0, 1.0], cache=False), tok)
+    assert_same(mixed, uncached)
 
 
 def test_damaged_or_foreign_entries_are_rendered_again(tmp_path, tok):
@@ -228,7 +232,8 @@ from transformers import AutoTokenizer
 from mlx_ft.data import load_datasets
 from mlx_ft.recipe import recipe_from_dict
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
-load_datasets(recipe_from_dict({"model": {"path": "x"}, "data": {"train": sys.argv[2], "cache_dir": sys.argv[3]}}), tok)
+data = {"train": sys.argv[2], "cache_dir": sys.argv[3]}
+load_datasets(recipe_from_dict({"model": {"path": "x"}, "data": data}), tok)
 """
 
 
@@ -257,7 +262,7 @@ def test_unwritable_cache_dir_falls_back_with_one_warning(tmp_path, tok):
     f = write(tmp_path / "d.jsonl", chat_corpus(12))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.warns(UserWarning, match=rf"data cache: cannot write to {blocker}/cache .*rendering in memory"):
+    with pytest.warns(UserWarning, match=rf"data cache: cannot write to {blocker}/cache .*in memory"):
         splits = load_datasets(recipe(str(f), blocker / "cache"), tok)
     assert splits.stats["cache"] == "unwritable" and len(splits.train) == 12
 
@@ -266,11 +271,12 @@ def test_a_failed_write_stops_with_a_clear_message_and_keeps_nothing(tmp_path, t
     """A write the kernel refuses (here: over RLIMIT_FSIZE; a full disk fails the same way)."""
     f = write(tmp_path / "d.jsonl", chat_corpus(400))
     cache = tmp_path / "cache"
-    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
     resource.setrlimit(resource.RLIMIT_FSIZE, (8000, old_limit[1]))
     try:
-        with pytest.raises(DataError, match=rf"data cache: writing {cache}/sft-\w+ failed \(OSError: File too large\); "
-                                            "nothing was kept there.*data.cache = false"):
+        with pytest.raises(DataError, match=rf"data cache: writing {cache}/sft-\w+ failed \(OSError: "
+                                            r"File too large\); nothing was kept there.*data.cache = false"):
             load_datasets(recipe(str(f), cache), tok)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
@@ -309,8 +315,8 @@ def test_empty_answers_are_reported_and_mostly_empty_data_refused(tmp_path, tok)
     for i in range(7):
         empty(recs[i])
     write(f, recs)
-    with pytest.raises(DataError, match=rf"data.train: 8 of 10 records teach nothing: 8 whose assistant answers "
-                                        rf"are empty.*\(first at {f}:1\)"):
+    with pytest.raises(DataError, match=rf"data.train: 8 of 10 records teach nothing: 8 whose assistant "
+                                        rf"answers are empty.*\(first at {f}:1\)"):
         load_datasets(recipe(str(f), tmp_path / "c"), tok)
 
 
@@ -318,12 +324,14 @@ def test_an_oversized_record_is_refused_before_tokenizing(tmp_path, tok):
     recs = chat_corpus(8)
     recs[5]["messages"][1]["content"] = "colour " * 3000
     f = write(tmp_path / "d.jsonl", recs)
-    with pytest.raises(DataError, match=rf"{f}:6: the record holds 21,0\d\d characters of text, more than 8 x "
-                                        r"max_seq_len \(128\) tokens' worth \(8,192 characters\); it is not tokenized"):
+    with pytest.raises(DataError, match=rf"{f}:6: the record holds 21,0\d\d characters of text, more "
+                                        r"than 8 x max_seq_len \(128\) tokens' worth \(8,192 characters\); "
+                                        "it is not tokenized"):
         load_datasets(recipe(str(f), tmp_path / "c", max_seq_len=128), tok)
     dropped = load_datasets(recipe(str(f), tmp_path / "c", max_seq_len=128, truncation="drop"), tok)
     assert dropped.stats["dropped"] == 1 and len(dropped.train) == 7
     # A larger max_seq_len needs that record: the entry that left it out is rendered again.
     wide = load_datasets(recipe(str(f), tmp_path / "c", max_seq_len=1024, truncation="drop"), tok)
     assert wide.stats["cache"] == "miss" and wide.stats["dropped"] == 1  # rendered: longer than 1024 tokens
-    assert load_datasets(recipe(str(f), tmp_path / "c", max_seq_len=128, truncation="drop"), tok).stats["cache"] == "hit"
+    narrow = load_datasets(recipe(str(f), tmp_path / "c", max_seq_len=128, truncation="drop"), tok)
+    assert narrow.stats["cache"] == "hit"

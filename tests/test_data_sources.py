@@ -168,7 +168,8 @@ def test_weights_repeat_and_subsample_sources(tmp_path, tok):
     assert len(splits.train) == 40
     t = splits.train
     assert len(set(zip(t.store[t.source == 0].tolist(), t.start[t.source == 0].tolist()))) == 10  # repeats
-    assert [s.tokens.tolist() for s in load_datasets(r, tok).train] == [s.tokens.tolist() for s in t]  # seeded
+    again = load_datasets(r, tok).train
+    assert [s.tokens.tolist() for s in again] == [s.tokens.tolist() for s in t]  # seeded
 
 
 def test_valid_fraction_is_disjoint_and_seeded(tmp_path, tok):

@@ -14,5 +14,5 @@ Modules: `sources` (where files come from, reading them), `formats` (detect and 
 from .batching import Batch, Plan, Plans, Sample, Samples, collate, epoch_batches, padding_fraction
 from .dataset import Splits, load_datasets, recipe_tokenizer, record_texts
 
-__all__ = ["Batch", "Plan", "Plans", "Sample", "Samples", "Splits", "collate", "epoch_batches", "load_datasets",
-           "padding_fraction", "recipe_tokenizer", "record_texts"]
+__all__ = ["Batch", "Plan", "Plans", "Sample", "Samples", "Splits", "collate", "epoch_batches",
+           "load_datasets", "padding_fraction", "recipe_tokenizer", "record_texts"]

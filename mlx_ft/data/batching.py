@@ -77,13 +77,13 @@ class Samples:
     def from_list(cls, samples: list[Sample]) -> Samples:
         """Samples held in memory, from a list (small sets built in code, tests)."""
         lengths = np.array([len(s.tokens) for s in samples], dtype=np.int64)
-        start = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(samples) else np.zeros(0, np.int64)
-        tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int32) for s in samples]) if samples else \
-            np.zeros(0, np.int32)
-        mask = np.concatenate([np.asarray(s.mask, dtype=bool) for s in samples]) if samples else np.zeros(0, bool)
-        mask_sum = np.array([int(np.sum(np.asarray(s.mask, dtype=bool)[1:])) for s in samples], dtype=np.int64)
-        return cls([ArrayStore(tokens, mask)], np.zeros(len(samples), np.int32), start, lengths,
-                   np.array([s.source for s in samples], dtype=np.int32), mask_sum)
+        start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        masks = [np.asarray(s.mask, dtype=bool) for s in samples]
+        tokens = [np.zeros(0, np.int32)] + [np.asarray(s.tokens, dtype=np.int32) for s in samples]
+        store = ArrayStore(np.concatenate(tokens), np.concatenate([np.zeros(0, bool)] + masks))
+        supervised = np.array([int(m[1:].sum()) for m in masks], dtype=np.int64)
+        return cls([store], np.zeros(len(samples), np.int32), start, lengths,
+                   np.array([s.source for s in samples], dtype=np.int32), supervised)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -119,7 +119,9 @@ class Samples:
         for p in parts:
             store.append(p.store + len(stores))
             stores += p.stores
-        cat = (lambda name: np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0, np.int64))
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0, np.int64)
+
         return Samples(stores, np.concatenate(store) if parts else np.zeros(0, np.int32), cat("start"),
                        cat("lengths"), cat("source"), cat("supervised"))
 
@@ -147,8 +149,10 @@ class Plans(Sequence):
     """The batches of one epoch as arrays: row r holds samples slots[row_start[r]:row_start[r+1]];
     batch b is rows row_order[batch_start[b]:batch_start[b+1]]. `plans[b]` is that batch's Plan."""
 
-    def __init__(self, slots: np.ndarray, row_start: np.ndarray, row_order: np.ndarray, batch_start: np.ndarray):
-        self.slots, self.row_start, self.row_order, self.batch_start = slots, row_start, row_order, batch_start
+    def __init__(self, slots: np.ndarray, row_start: np.ndarray, row_order: np.ndarray,
+                 batch_start: np.ndarray):
+        self.slots, self.row_start = slots, row_start  # int64 [samples of the epoch], [rows + 1]
+        self.row_order, self.batch_start = row_order, batch_start  # int64 [rows], [batches + 1]
 
     def __len__(self) -> int:
         return len(self.batch_start) - 1
@@ -396,7 +400,10 @@ def collate(samples, plan: Plan, max_seq_len: int, pack: bool, pad_id: int = 0) 
     for r, row in enumerate(plan):
         pos = 0
         for k, i in enumerate(row):
-            toks, sup = (samples.tokens(i), samples.mask(i)) if arrays else (samples[i].tokens, samples[i].mask)
+            if arrays:
+                toks, sup = samples.tokens(i), samples.mask(i)
+            else:
+                toks, sup = samples[i].tokens, samples[i].mask
             n = len(toks)
             assert pos + n <= L, "plan rows must fit max_seq_len"  # internal invariant of epoch_batches
             tokens[r, pos:pos + n] = toks

@@ -14,7 +14,6 @@ an error naming it under `truncation = "truncate"`, left out (status OVERSIZE) u
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from .formats import check_format, detect, normalise
 from .sources import read_jsonl_range, record_batches, where
 from .store import Chunk
 
-COLUMNS = {"origin": "int64", "chars": "int64", "status": "uint8", "supervised": "int32", "first_sup": "int32",
-           "first_content": "int32"}
+COLUMNS = {"origin": "int64", "chars": "int64", "status": "uint8", "supervised": "int32",
+           "first_sup": "int32", "first_content": "int32"}
 """Per record: its line (row for Parquet); characters of text; RENDERED or OVERSIZE; supervised
 tokens; position of the first supervised token and of the first supervised token that is not an
 end-of-turn token (the record's length when there is none)."""
@@ -51,8 +50,9 @@ def char_bound(max_seq_len: int) -> int:
 def oversize_error(where_: str, chars: int, max_seq_len: int) -> DataError:
     return DataError(
         f"{where_}: the record holds {chars:,} characters of text, more than {OVERSIZE_TOKENS} x max_seq_len "
-        f"({max_seq_len}) tokens' worth ({char_bound(max_seq_len):,} characters); it is not tokenized. Split it "
-        "into smaller records or remove it, or set data.truncation = 'drop' to leave such records out")
+        f"({max_seq_len}) tokens' worth ({char_bound(max_seq_len):,} characters); it is not tokenized. "
+        "Split it into smaller records or remove it, or set data.truncation = 'drop' to leave such "
+        "records out")
 
 
 @dataclass(frozen=True)
@@ -176,46 +176,6 @@ def _first_jsonl_record(path: Path) -> tuple[int, object] | None:
                 except ValueError:
                     return None
     return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Worker processes
-
-
-def default_workers() -> int:
-    """MLX_FT_DATA_WORKERS, else the cores this process may run on."""
-    env = os.environ.get("MLX_FT_DATA_WORKERS")
-    if env is not None:
-        return max(0, int(env))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
-class Workers:
-    """Rendering processes (`worker.Pool`), started on first use and shared by every file of a
-    load; with n = 0 chunks are rendered in this process."""
-
-    def __init__(self, renderer, n: int):
-        self.renderer, self.n, self.pool = renderer, n, None
-
-    def map(self, job: FileJob, parts):
-        """(part, its rendered chunk) for each of `parts`, in order."""
-        if self.n == 0:
-            for part in parts:
-                yield part, render_job(job, part, self.renderer)
-            return
-        if self.pool is None:
-            from .worker import Pool
-
-            self.pool = Pool(self.renderer, self.n)
-        yield from self.pool.map(job, parts)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import DataError
 from ..recipe import DataConfig, Recipe
 from . import build, store
+from .worker import Workers, default_workers
 from .batching import ArrayStore, Samples, epoch_batches, padding_fraction, positions
 from .formats import Record, file_format, read_file
 from .render import Renderer
@@ -131,13 +132,15 @@ class Files:
         if self.dir is not None:
             why = store.writable(self.dir)
             if why:
-                warnings.warn(f"data cache: cannot write to {self.dir} ({why}); rendering in memory this time. "
-                              "Set data.cache_dir to a writable directory, or data.cache = false", stacklevel=3)
+                warnings.warn(f"data cache: cannot write to {self.dir} ({why}); rendering in memory this "
+                              "time. Set data.cache_dir to a writable directory, or data.cache = false",
+                              stacklevel=3)
                 self.state = "unwritable"
             else:
                 store.remove_leftovers(self.dir)
         components = {"format_version": store.FORMAT_VERSION, "kind": kind.name,
-                      "tokenizer": self.renderer.identity(), "chat_template": store.digest(self.renderer.template()),
+                      "tokenizer": self.renderer.identity(),
+                      "chat_template": store.digest(self.renderer.template()),
                       "train_on": cfg.train_on, "format": cfg.format, "prompt_key": cfg.prompt_key,
                       "completion_key": cfg.completion_key, "text_key": cfg.text_key}
         self.components = components
@@ -176,11 +179,11 @@ class Files:
         if not todo:
             return out
         total = sum(p.stat().st_size for p in todo)
-        n = build.default_workers() if self.renderer.portable else 0
+        n = default_workers() if self.renderer.portable else 0
         if "MLX_FT_DATA_WORKERS" not in os.environ and total < build.PARALLEL_MIN_BYTES:
             n = 0
         chunk_bytes = int(np.clip(total // (max(n, 1) * 16), build.MIN_CHUNK_BYTES, build.MAX_CHUNK_BYTES))
-        workers = build.Workers(self.renderer, n)
+        workers = Workers(self.renderer, n)
         progress = build.Progress(total, self.progress and total >= build.PARALLEL_MIN_BYTES)
         try:
             for p in todo:
@@ -190,7 +193,8 @@ class Files:
             progress.close()
         return out
 
-    def _render(self, path: Path, chunk_bytes: int, workers: build.Workers, progress: build.Progress) -> FileRecords:
+    def _render(self, path: Path, chunk_bytes: int, workers: Workers,
+                progress: build.Progress) -> FileRecords:
         kind = file_kind(path)
         sc = scan(path, chunk_bytes)
         key = self.key(sc.content)
@@ -221,7 +225,8 @@ class Files:
                 progress.update(path.stat().st_size, 0)
             if writer.n == 0:
                 raise DataError(f"{path}: the file has no records")
-            meta = {"key": key, "kind": self.kind.name, "components": {**self.components, "content": sc.content},
+            meta = {"key": key, "kind": self.kind.name,
+                    "components": {**self.components, "content": sc.content},
                     "source": {"path": str(path.resolve()), "size": path.stat().st_size},
                     "file_format": file_format(fmt, formats), "origin": kind, "min_oversize_chars": oversize}
             entry = _write(writer.finish, meta, final)
@@ -257,15 +262,16 @@ class _Records:
     def of(cls, files: list[FileRecords]) -> _Records:
         cols = {c: np.concatenate([np.asarray(f.entry.columns[c]) for f in files]) for c in build.COLUMNS}
         offsets = [np.asarray(f.entry.groups["sample"].offsets) for f in files]
-        return cls(files, np.concatenate([np.full(len(f.entry), k, np.int32) for k, f in enumerate(files)]), cols,
-                   np.concatenate([o[:-1] for o in offsets]), np.concatenate([np.diff(o) for o in offsets]))
+        file = np.concatenate([np.full(len(f.entry), k, np.int32) for k, f in enumerate(files)])
+        return cls(files, file, cols, np.concatenate([o[:-1] for o in offsets]),
+                   np.concatenate([np.diff(o) for o in offsets]))
 
     def __len__(self) -> int:
         return len(self.file)
 
     def take(self, idx: np.ndarray) -> _Records:
-        return _Records(self.files, self.file[idx], {c: v[idx] for c, v in self.columns.items()}, self.start[idx],
-                        self.length[idx])
+        return _Records(self.files, self.file[idx], {c: v[idx] for c, v in self.columns.items()},
+                        self.start[idx], self.length[idx])
 
     def where(self, i: int) -> str:
         f = self.files[self.file[i]]
@@ -290,13 +296,13 @@ def _select(recs: _Records, cfg: DataConfig, source: int) -> tuple[Samples, dict
     stores = [f.samples_store() for f in recs.files]
     for i in np.flatnonzero(truncated & ~no_sup):  # supervised tokens of the part kept
         supervised[i] = int(np.count_nonzero(stores[recs.file[i]].mask[recs.start[i]:recs.start[i] + L]))
-    samples = Samples(stores, recs.file[keep], recs.start[keep], length[keep], np.full(len(keep), source, np.int32),
-                      supervised[keep])
+    samples = Samples(stores, recs.file[keep], recs.start[keep], length[keep],
+                      np.full(len(keep), source, np.int32), supervised[keep])
     counts = {"records": len(recs), "samples": len(keep), "dropped": int(dropped.sum()),
               "truncated": int(truncated.sum()), "no_supervised": int(no_sup.sum()),
               "empty_answers": int(empty.sum())}
-    first = {name: recs.where(int(np.flatnonzero(m)[0])) for name, m in (("no_supervised", no_sup),
-                                                                          ("empty_answers", empty)) if m.any()}
+    first = {name: recs.where(int(np.flatnonzero(m)[0]))
+             for name, m in (("no_supervised", no_sup), ("empty_answers", empty)) if m.any()}
     return samples, counts, first
 
 
@@ -379,12 +385,13 @@ def load_datasets(recipe: Recipe, tokenizer, progress: bool = False) -> Splits:
         valid_counts = {k: sum(c[k] for _, c, _ in selected) for k in selected[0][1]}
         if not len(valid):
             where_ = "data.valid" if cfg.valid is not None else "data.valid_fraction"
-            raise DataError(f"{where_}: no usable validation samples after filtering: " + _explain([valid_counts], cfg))
+            raise DataError(f"{where_}: no usable validation samples after filtering: "
+                            + _explain([valid_counts], cfg))
 
     hits = sum(f.hit for f in opened.values())
     stats = {
-        "sources": [{"source": name, "format": "+".join(sorted({opened[p].format for p in fs})), "files": len(fs),
-                     **c, "weight": None if cfg.weights is None else cfg.weights[k],
+        "sources": [{"source": name, "format": "+".join(sorted({opened[p].format for p in fs})),
+                     "files": len(fs), **c, "weight": None if cfg.weights is None else cfg.weights[k],
                      "epoch_samples": int((mixed.source == k).sum())}
                     for k, (name, fs, c) in enumerate(zip(names, train_files, counts))],
         "train": _summary(mixed),
@@ -422,10 +429,10 @@ def _empty_notes(counts: list[dict], firsts: list[dict], cfg: DataConfig) -> lis
                      f"supervised (first at {first['empty_answers']})")
     rendered = sum(c["records"] - c["dropped"] for c in counts)
     if rendered and (n_none + n_empty) > MOSTLY_EMPTY * rendered:
-        raise DataError(f"data.train: {n_none + n_empty} of {rendered} records teach nothing: " + "; ".join(parts)
-                        + f". Check the data (train_on = {cfg.train_on!r} supervises "
-                        f"{'every assistant turn' if cfg.train_on == 'assistant' else 'the ' + cfg.train_on}) "
-                        f"and data.max_seq_len ({cfg.max_seq_len})")
+        what = "every assistant turn" if cfg.train_on == "assistant" else "the " + cfg.train_on
+        raise DataError(f"data.train: {n_none + n_empty} of {rendered} records teach nothing: "
+                        + "; ".join(parts) + f". Check the data (train_on = {cfg.train_on!r} supervises "
+                        f"{what}) and data.max_seq_len ({cfg.max_seq_len})")
     if parts:
         note = "data.train: " + "; ".join(parts)
         warnings.warn(note, stacklevel=3)
@@ -465,7 +472,8 @@ def _batching(samples: Samples, recipe: Recipe) -> dict:
 
 def _summary(samples: Samples) -> dict:
     n = len(samples)
-    return {"samples": n, "tokens": int(samples.lengths.sum()), "supervised_tokens": int(samples.supervised.sum()),
+    return {"samples": n, "tokens": int(samples.lengths.sum()),
+            "supervised_tokens": int(samples.supervised.sum()),
             "max_len": int(samples.lengths.max()) if n else 0,
             "mean_len": round(float(samples.lengths.mean()), 1) if n else 0.0}
 

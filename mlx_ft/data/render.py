@@ -78,10 +78,10 @@ class Renderer:
             h.update(backend.to_str().encode())
         else:
             h.update(json.dumps(sorted(self.hf.get_vocab().items())).encode())
-        h.update(json.dumps([type(self.hf).__name__, self.template(), self.template_kwargs, self.eot_ids.tolist(),
-                             self.eos_id, self.has_template, getattr(self.hf, "special_tokens_map", None),
-                             getattr(self.hf, "split_special_tokens", None), str(self.token_dtype)],
-                            sort_keys=True, default=str).encode())
+        settings = [type(self.hf).__name__, self.template(), self.template_kwargs, self.eot_ids.tolist(),
+                    self.eos_id, self.has_template, getattr(self.hf, "special_tokens_map", None),
+                    getattr(self.hf, "split_special_tokens", None), str(self.token_dtype)]
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
     def template(self):
@@ -163,8 +163,8 @@ class Renderer:
             except Exception as e:  # jinja raises its own types, e.g. "roles must alternate"
                 if len(records) > 1:
                     raise _Retry() from None
-                raise DataError(f"{records[0].where}: the tokenizer's chat template cannot render this record "
-                                f"({type(e).__name__}: {e})") from None
+                raise DataError(f"{records[0].where}: the tokenizer's chat template cannot render this "
+                                f"record ({type(e).__name__}: {e})") from None
             for (k, key, _), text in zip(items, texts):
                 got[(k, key)] = text
         out = []

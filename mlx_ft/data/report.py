@@ -54,7 +54,8 @@ def format_report(report: dict, color: bool = False) -> str:
     import click
 
     cache = report["cache"] + (f", {report['cache_dir']}" if report["cache_dir"] else "")
-    out = [f"data of {report['recipe']}", f"cache: {cache}; data stage {report['seconds']:.2f} s", "", "sources:"]
+    out = [f"data of {report['recipe']}", f"cache: {cache}; data stage {report['seconds']:.2f} s", "",
+           "sources:"]
     head = f"  {'source':<40} {'format':<12} {'records':>8} {'usable':>7} {'dropped':>8} {'truncated':>10} {'no-sup':>7} {'weight':>7} {'in epoch':>9}"
     out.append(head)
     for s in report["sources"]:
@@ -66,7 +67,8 @@ def format_report(report: dict, color: bool = False) -> str:
     out += ["", f"train: {tr['samples']} samples, {tr['tokens']} tokens, {tr['supervised_tokens']} supervised "
                 f"({100 * report['supervised_fraction']:.1f}%), mean length {tr['mean_len']}, max {tr['max_len']}",
             f"       {report['dropped']} dropped (longer than max_seq_len), {report['truncated']} truncated, "
-            f"{report['no_supervised']} without supervised tokens, {report['empty_answers']} with empty answers"]
+            f"{report['no_supervised']} without supervised tokens, {report['empty_answers']} with empty "
+            "answers"]
     out += [f"note: {n}" for n in report["notes"]]
     v = report["valid"]
     out.append("valid: none" if v is None else

@@ -195,7 +195,8 @@ def scan(path: Path, chunk_bytes: int, block: int = 16 << 20) -> Scan:
     return Scan(h.hexdigest(), chunks)
 
 
-def read_jsonl_range(path: Path, start: int, end: int | None, first_line: int) -> Iterator[tuple[int, object]]:
+def read_jsonl_range(path: Path, start: int, end: int | None,
+                     first_line: int) -> Iterator[tuple[int, object]]:
     """(line number, record) of the JSONL lines in bytes [start, end) (end None: to the end)."""
     with open(path, "rb") as f:
         f.seek(start)

@@ -232,10 +232,11 @@ class Writer:
         if self.tmp is None:
             cat = {k: np.concatenate(v) for k, v in self.parts.items()}
             zero = np.zeros(1, np.int64)
-            return Entry(None, meta, {c: cat.get(f"{c}.npy", np.zeros(0, dt)) for c, dt in self.columns.items()},
-                         {g: Group(np.concatenate([zero, cat.get(f"{g}.offsets.npy", zero[:0])]),
-                                   {f: cat.get(f"{g}.{f}.npy", np.zeros(0, dt)) for f, dt in fields.items()})
-                          for g, fields in self.groups.items()})
+            columns = {c: cat.get(f"{c}.npy", np.zeros(0, dt)) for c, dt in self.columns.items()}
+            groups = {g: Group(np.concatenate([zero, cat.get(f"{g}.offsets.npy", zero[:0])]),
+                               {f: cat.get(f"{g}.{f}.npy", np.zeros(0, dt)) for f, dt in fields.items()})
+                      for g, fields in self.groups.items()}
+            return Entry(None, meta, columns, groups)
         try:
             meta["sizes"] = {name: a.close() for name, a in self.files.items()}
             meta["created"] = time.strftime("%Y-%m-%d %H:%M:%S")

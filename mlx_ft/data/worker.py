@@ -1,5 +1,6 @@
 """Rendering worker processes: `python -m mlx_ft.data.worker`, fed chunks over a pipe.
 
+`Workers` renders a file's chunks in order, in this process (n = 0) or in a `Pool` of workers.
 Plain subprocesses rather than multiprocessing: a spawned multiprocessing worker re-imports the
 user's main script, which breaks every script that calls `mlx_ft.train()` without an
 `if __name__ == "__main__":` guard (and forking next to a loaded MLX/Metal runtime is unsafe).
@@ -20,6 +21,7 @@ import threading
 from collections.abc import Iterator
 
 from ..errors import DataError
+from .build import render_job
 
 
 def _send(f, obj) -> None:
@@ -90,8 +92,9 @@ class Pool:
                     _send(proc.stdin, (job, part))
                     answer = _recv(proc.stdout)
                 except (EOFError, OSError):
-                    answer = ("error", DataError(f"a data rendering process (pid {proc.pid}) died; set "
-                                                 "MLX_FT_DATA_WORKERS=0 to render in this process and see why"))
+                    answer = ("error", DataError(
+                        f"a data rendering process (pid {proc.pid}) died; set MLX_FT_DATA_WORKERS=0 to "
+                        "render in this process and see why"))
                 with ready:
                     results[k] = (part, answer)
                     ready.notify_all()
@@ -141,9 +144,42 @@ class Pool:
             p.stdout.close()
 
 
+def default_workers() -> int:
+    """MLX_FT_DATA_WORKERS, else the cores this process may run on."""
+    env = os.environ.get("MLX_FT_DATA_WORKERS")
+    if env is not None:
+        return max(0, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+class Workers:
+    """Rendering processes (`worker.Pool`), started on first use and shared by every file of a
+    load; with n = 0 chunks are rendered in this process."""
+
+    def __init__(self, renderer, n: int):
+        self.renderer, self.n, self.pool = renderer, n, None
+
+    def map(self, job, parts):
+        """(part, its rendered chunk) for each of `parts`, in order."""
+        if self.n == 0:
+            for part in parts:
+                yield part, render_job(job, part, self.renderer)
+            return
+        if self.pool is None:
+            self.pool = Pool(self.renderer, self.n)
+        yield from self.pool.map(job, parts)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
 def main() -> None:
     """The worker loop."""
-    from .build import render_job
 
     import signal
 
