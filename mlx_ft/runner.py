@@ -156,8 +156,10 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
                             f"processes; use a multiple of {world} (it is the global batch)")
     planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None))
     run = prepare_run_dir(recipe, resume, overwrite, primary=rank == 0)
+    # The data before the weights: a bad record is named in seconds, not after a 70B model has
+    # loaded, and the rendering processes of a cold pass are gone before the model takes memory.
+    splits = data.load_datasets(recipe, data.recipe_tokenizer(recipe), progress=echo is print and rank == 0)
     model, tokenizer, model_dir = models.load_base(recipe.model, texts=lambda: data.record_texts(recipe))
-    splits = data.load_datasets(recipe, tokenizer, progress=echo is print and rank == 0)
     # Seeded here, after loading: building the builtin demo model on first use draws from the
     # global RNG too, and the adapter's initial weights must depend on training.seed alone.
     mx.random.seed(t.seed)
