@@ -180,7 +180,6 @@ class Workers:
 
 def main() -> None:
     """The worker loop."""
-
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes us
