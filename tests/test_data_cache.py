@@ -238,7 +238,7 @@ load_datasets(recipe_from_dict({"model": {"path": "x"}, "data": data}), tok)
 
 
 def test_a_crash_while_writing_leaves_no_usable_looking_cache(tmp_path, tok, tiny_model_dir):
-    f = write(tmp_path / "d.jsonl", chat_corpus(3000, seed=8))
+    f = write(tmp_path / "d.jsonl", chat_corpus(1500, seed=8))
     cache = tmp_path / "cache"
     env = {**os.environ, "MLX_FT_DATA_WORKERS": "0"}
     proc = subprocess.Popen([sys.executable, "-c", CRASH, str(tiny_model_dir), str(f), str(cache)], env=env)
@@ -253,7 +253,7 @@ def test_a_crash_while_writing_leaves_no_usable_looking_cache(tmp_path, tok, tin
     assert left and ".tmp-" in left[0], "killed before it started writing"
     assert store.list_entries(cache) == []  # nothing that looks like an entry
     again = load_datasets(recipe(str(f), cache), tok)
-    assert again.stats["cache"] == "miss" and len(again.train) == 3000
+    assert again.stats["cache"] == "miss" and len(again.train) == 1500
     assert not any(p.name.startswith(".sft-") for p in cache.iterdir())  # the dead build's leftover is gone
     assert load_datasets(recipe(str(f), cache), tok).stats["cache"] == "hit"
 
