@@ -128,23 +128,22 @@ def build(sc: Scenario, root: Path) -> dict:
 
 
 def _samples(model_dir: str, jsonl: Path, max_seq_len: int):
+    """The rendered samples of one file, as mlx_ft trains on them (nothing cached)."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_ft.data.dataset import _render_all
+    from mlx_ft.data.dataset import render_records
     from mlx_ft.data.formats import read_file
     from mlx_ft.recipe import DataConfig
 
     cfg = DataConfig(train=str(jsonl), train_on="last", max_seq_len=max_seq_len)
-    tok = load_tokenizer(Path(model_dir))
     _, records = read_file(Path(jsonl), cfg)
-    samples, _ = _render_all(records, tok, cfg, 0)
-    return samples
+    return render_records(records, load_tokenizer(Path(model_dir)), cfg)
 
 
 def _count(model_dir, jsonl, max_seq_len):
     s = _samples(model_dir, jsonl, max_seq_len)
     lengths = [len(x.tokens) for x in s]
-    return sum(lengths), sum(sum(x.mask) for x in s), lengths
+    return sum(lengths), sum(int(x.mask[1:].sum()) for x in s), lengths
 
 
 # -- the two tools, each in a child process --------------------------------------------------------
@@ -237,8 +236,8 @@ def _valid_loss(model_dir: str, adapters: str, valid: Path, max_seq_len: int) ->
     model.eval()
     total, count = 0.0, 0.0
     for s in _samples(model_dir, valid, max_seq_len):
-        tokens = mx.array([s.tokens])
-        mask = mx.array([s.mask])
+        tokens = mx.array(s.tokens.astype("int32"))[None]
+        mask = mx.array(s.mask)[None]
         ls, n = loss_sum(model, tokens, mask, chunk_size=0)
         total, count = total + ls.item(), count + n.item()
     return total / count

@@ -233,11 +233,42 @@ def data_inspect(recipe, show, as_json, overrides):
     from .data.report import format_report, inspect_recipe
     from .recipe import load_recipe
 
-    report = inspect_recipe(load_recipe(recipe, list(overrides)), show)
+    report = inspect_recipe(load_recipe(recipe, list(overrides)), show, progress=True)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         click.echo(format_report(report, color=sys.stdout.isatty()))
+
+
+@data_group.command("cache")
+@click.option("--list", "show", is_flag=True, help="List the cached datasets (the default).")
+@click.option("--clear", is_flag=True, help="Remove every cached dataset (only mlx_ft's own files).")
+@click.option("--dir", "where", type=click.Path(path_type=Path),
+              help="The cache directory (a recipe's data.cache_dir) [default: $MLX_FT_CACHE/data].")
+@user_errors
+def data_cache(show, clear, where):
+    """The rendered-data cache: one entry per data file and rendering settings.
+
+    \b
+    Examples:
+      mlxft data cache --list
+      mlxft data cache --clear --dir /Volumes/scratch/mlx_ft-data
+    """
+    from .data import store
+    from .errors import DataError
+
+    if show and clear:
+        raise DataError("data cache: give --list or --clear, not both")
+    where = Path(where).expanduser() if where else store.default_dir()
+    if clear:
+        n, freed = store.clear(where)
+        click.echo(f"removed {n} cached dataset(s), {freed / 1e6:,.1f} MB, from {where}")
+        return
+    rows = store.list_entries(where)
+    click.echo(f"{where}: {len(rows)} cached dataset(s), {sum(r['bytes'] for r in rows) / 1e6:,.1f} MB")
+    for r in rows:
+        click.echo(f"  {r['name']}  {r['bytes'] / 1e6:9,.1f} MB  {r.get('records') or 0:>9,} records  "
+                   f"{r.get('created') or '-':19}  {r['state']}  {r.get('source') or '-'}")
 
 
 @main.command()

@@ -127,6 +127,13 @@ class DataConfig:
     each sample. Without packing, batches are bucketed by length to keep padding low."""
     shuffle: bool = True
     """Shuffle the order of batches each epoch (seeded by `training.seed`)."""
+    cache: bool = True
+    """Keep each data file's rendered samples (token ids, masks) on disk, keyed by the file's
+    content, the tokenizer, the chat template and the format keys, so the next `run`, `plan`
+    or `data inspect` on the same inputs opens them in seconds. false renders in memory."""
+    cache_dir: Optional[str] = None
+    """Where the rendered-data cache lives; default `$MLX_FT_CACHE/data` (~/.cache/mlx_ft/data).
+    `mlxft data cache --list` / `--clear` show and empty it."""
 
 
 @dataclass(frozen=True)

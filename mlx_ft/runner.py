@@ -15,7 +15,6 @@ and one run at a time holds the directory's lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ HARMLESS_ON_RESUME = {
     "training.eval_every", "training.eval_batches", "training.save_every", "training.keep_checkpoints",
     "training.report_every", "training.early_stopping_patience", "training.resume", "data.valid",
     "data.valid_fraction", "model.revision", "model.trust_remote_code", "training.eval_at_start",
-    "training.steps", "training.epochs",
+    "training.steps", "training.epochs", "data.cache", "data.cache_dir",
 }
 
 __all__ = ["Callback", "TrainResult", "train"]
@@ -253,10 +252,12 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     if rank == 0:
         check_run_dir(run, resume, overwrite)  # fails at once, before the minutes of loading
     check_local_model(recipe.model.path)  # a typo in model.path says so, without a plan line first
-    # The data first (it needs the tokenizer, not the weights): the plan is made for its batches.
+    # The data first (it needs the tokenizer, not the weights): the plan is made for its batches, a
+    # bad record is named in seconds, not after a 70B model has loaded, and the rendering processes
+    # of a cold pass are gone before the model takes memory.
     splits, unread = None, None
     try:
-        splits = data.load_datasets(recipe, data.recipe_tokenizer(recipe))
+        splits = data.load_datasets(recipe, data.recipe_tokenizer(recipe), progress=echo is print and rank == 0)
     except MlxFtError as e:  # reported after the plan, which still says whether the model would fit
         unread = e
     planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None),
@@ -279,15 +280,15 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     total_steps = t.steps or splits.stats["batching"]["steps_per_epoch"] * (t.epochs or 1)
     optimizer = build_optimizer(t, total_steps)
     optimizer.init(model.trainable_parameters())
-    meta = {"recipe": _flat(recipe), "data_fingerprint": _fingerprint(splits.train), "base_model": base_ref,
+    meta = {"recipe": _flat(recipe), "data_fingerprint": splits.fingerprint, "base_model": base_ref,
             "world_size": world}
     # Everything is checked: now the run directory may be changed.
     lock = _claim(run, resume, overwrite, echo) if rank == 0 else None
     try:
-        finished = _finished_run(run, meta, total_steps) if resume else None
+        finished = _finished_run(run, meta, total_steps, splits) if resume else None
         latest, loop = None, ckpt.LoopState()
         if finished is None and resume:
-            latest, loop = _resume_from(run, meta, model, optimizer, total_steps, echo)
+            latest, loop = _resume_from(run, meta, model, optimizer, total_steps, echo, splits)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -386,11 +387,12 @@ def _claim(run: Path, resume: bool, overwrite: bool, echo) -> RunLock:
     return lock
 
 
-def _compare(saved: dict, meta: dict, where: Path, warn: bool = True) -> None:
+def _compare(saved: dict, meta: dict, where: Path, splits, warn: bool = True) -> None:
     """Refuse to continue `saved` (a checkpoint's or finished run's record) with a recipe, data or
     base that changed; warn about the harmless changes."""
     refused, allowed = ckpt.mismatches(saved["recipe"], meta["recipe"], HARMLESS_ON_RESUME)
-    if saved.get("data_fingerprint") not in (None, meta["data_fingerprint"]):
+    if saved.get("data_fingerprint") is not None and \
+            not _same_data(saved["data_fingerprint"], meta["data_fingerprint"], splits):
         refused.append("data: the training samples differ from the run's (files changed?)")
     if saved.get("world_size", 1) != meta["world_size"]:
         refused.append(f"world size: the checkpoint was written by {saved.get('world_size', 1)} process(es), "
@@ -402,7 +404,7 @@ def _compare(saved: dict, meta: dict, where: Path, warn: bool = True) -> None:
         warnings.warn(f"resuming with a changed recipe value: {line}", MlxFtWarning, stacklevel=4)
 
 
-def _finished_run(run: Path, meta: dict, total_steps: int) -> dict | None:
+def _finished_run(run: Path, meta: dict, total_steps: int, splits) -> dict | None:
     """summary.json of a finished run when the recipe asks for no more steps than it trained; None
     for an unfinished run, or a finished one to continue. A changed recipe, data or base is refused."""
     path = run / "summary.json"
@@ -415,13 +417,13 @@ def _finished_run(run: Path, meta: dict, total_steps: int) -> dict | None:
         raise CheckpointError(f"{run}: cannot read the finished run's summary.json or {RESOLVED} ({e}); "
                               "start again with --overwrite, or set another output.dir") from None
     saved = {**summary, "recipe": {f"{t}.{k}": v for t, table in resolved.items() for k, v in table.items()}}
-    _compare(saved, meta, run, warn=False)  # a continued run warns when it compares its checkpoint
+    _compare(saved, meta, run, splits, warn=False)  # a continued run warns when it compares its checkpoint
     done = summary.get("total_steps") or summary.get("steps") or 0
     return summary if total_steps <= done else None
 
 
-def _resume_from(run: Path, meta: dict, model, optimizer, total_steps: int,
-                 echo) -> tuple[Path | None, ckpt.LoopState]:
+def _resume_from(run: Path, meta: dict, model, optimizer, total_steps: int, echo,
+                 splits) -> tuple[Path | None, ckpt.LoopState]:
     """Load the newest complete checkpoint after checking it was made by a compatible recipe."""
     good, bad = ckpt.scan(run)
     if (run / "summary.json").is_file() and not good:
@@ -439,7 +441,7 @@ def _resume_from(run: Path, meta: dict, model, optimizer, total_steps: int,
         warnings.warn(f"skipping checkpoint {d}: {why}", MlxFtWarning, stacklevel=3)
     latest = good[max(good)]
     saved = json.loads((latest / ckpt.STATE).read_text())
-    _compare(saved, meta, latest)
+    _compare(saved, meta, latest, splits)
     if saved["loop"]["step"] > total_steps:
         raise CheckpointError(f"{latest}: the checkpoint is at step {saved['loop']['step']}, past the "
                               f"{total_steps} steps the recipe asks for; raise training.steps or "
@@ -452,13 +454,14 @@ def _flat(recipe: Recipe) -> dict:
     return {f"{t}.{k}": v for t, table in recipe.to_dict().items() for k, v in table.items()}
 
 
-def _fingerprint(samples) -> str:
-    """Hash of the tokenized training set: resuming on different data is refused."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(bytes(str(s.tokens), "ascii"))
-        h.update(bytes(str(s.mask), "ascii"))
-    return h.hexdigest()[:16]
+def _same_data(saved: str | None, current: str, splits) -> bool:
+    """The checkpoint was trained on these samples. Checkpoints from before the data cache hold
+    a hash of every sample's tokens instead of the cache's fingerprint: that is computed then."""
+    from .data.dataset import legacy_fingerprint
+
+    if saved == current:
+        return True
+    return bool(saved) and not saved.startswith("v2:") and saved == legacy_fingerprint(splits.train)
 
 
 def _init_distributed(timeout: float | None = None):

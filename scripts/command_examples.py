@@ -43,7 +43,7 @@ SECTIONS = [
       "mlxft plan --model meta-llama/Llama-3.1-8B --method qlora --batch-size 1 --max-seq-len 2048 --pack "
       "--grad-checkpointing --machine m4-pro-24 --tokens 1000000"]),
     ("Data inspect", "What the model will see; supervised tokens are [[bracketed]] off a terminal (green on one).",
-     ["mlxft data inspect recipes/demo.toml --show 1"]),
+     ["mlxft data inspect recipes/demo.toml --show 1", "mlxft data cache --list"]),
     ("Run", "Train. Off a terminal the progress bar becomes one line per `report_every` steps.",
      ["mlxft run recipes/demo.toml", "ls runs/demo"]),
     ("Generate", "Check the fine-tune on a review it never saw: one of examples/data/valid.jsonl, whose "

@@ -24,6 +24,7 @@ def recipe_file(tmp_path, tiny_model_dir):
 [model]
 path = "{tiny_model_dir}"
 [data]
+cache_dir = "{tmp_path / 'cache'}"
 train = ["{data}", "{text}"]
 weights = [3, 1]
 valid_fraction = 0.1
@@ -48,6 +49,9 @@ def test_inspect_text_report(recipe_file):
     # Not a terminal: supervised text is marked with plain brackets, no ANSI colour codes.
     assert "[[Item" in out and "<|im_end|>]]" in out and "\x1b[" not in out
     assert out.count("--- sample") == 2
+    assert f"cache: miss, {recipe_file.parent / 'cache'}; data stage" in out
+    again = CliRunner().invoke(main, ["data", "inspect", str(recipe_file), "--show", "0"])
+    assert f"cache: hit, {recipe_file.parent / 'cache'}" in again.output
 
 
 def test_inspect_json_report(recipe_file):

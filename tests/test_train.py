@@ -82,6 +82,7 @@ def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_
         assert summary[key] is not None, key
     assert summary["steps"] == 12 and summary["trainable_parameters"] == 8192
     assert summary["peak_memory_bytes"] > 0
+    assert summary["data"]["cache"] in ("hit", "miss") and summary["data"]["seconds"] >= 0
     svg = ET.parse(run / "loss.svg").getroot()  # one point per train report, one per evaluation
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
     assert [len(line.get("points").split()) for line in lines] == [6, 3]
@@ -158,7 +159,8 @@ def _adapter(path: Path) -> dict:
 def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, tiny_model_dir, chat_jsonl):
     sections = dict(training={"steps": 16, "report_every": 1, "save_every": 3, "grad_accum": 2,
                               "lr_schedule": "cosine", "warmup_steps": 2},
-                    adapter={"dropout": 0.1})
+                    adapter={"dropout": 0.1},
+                    data={"cache_dir": str(tmp_path / "data-cache")})  # the reference run fills it
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir(), cut_dir.mkdir()
     ref = train(load_recipe(make_recipe(ref_dir, tiny_model_dir, chat_jsonl, **sections)), progress=False)
@@ -180,6 +182,7 @@ def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, tiny_model_dir, c
     ours = {r["step"]: r["last_loss"] for r in train_rows(cut_dir / "run")}
     theirs = {r["step"]: r["last_loss"] for r in train_rows(ref.run_dir)}
     assert sorted(ours) == list(range(1, 17)), f"killed after {kill_after} rows"
+    assert json.loads((cut_dir / "run" / "summary.json").read_text())["data"]["cache"] == "hit"
     assert max(abs(ours[s] - theirs[s]) for s in theirs) <= 1e-6, (kill_after, ours, theirs)
     a, b = _adapter(ref.adapter_dir), _adapter(cut_dir / "run" / "adapters")
     assert max(mx.abs(a[k] - b[k]).max().item() for k in a) <= 1e-6

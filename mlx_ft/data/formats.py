@@ -73,25 +73,43 @@ def read_file(path: Path, cfg: DataConfig) -> tuple[str, list[Record]]:
     """Read, check and normalise every record of one file; returns (format, records)."""
     from .sources import read_records
 
-    fmt, first_where, out = None if cfg.format == "auto" else cfg.format, None, []
+    first, first_where, formats, out = None, None, set(), []
     for where, raw in read_records(path):
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected a JSON object (a record), found {type(raw).__name__}")
-        found = detect(raw, cfg) if cfg.format == "auto" else cfg.format
-        if found is None:
-            raise DataError(f"{where}: cannot tell the record's format from its keys {_keys(raw)}; expected "
-                            + "; or ".join(f"{f}: {expected_keys(f, cfg)}" for f in FORMATS if f != "tools")
-                            + " (or set data.format and the data.*_key names)")
-        if cfg.format == "auto" and fmt is not None and {found, fmt} != {"chat", "tools"} and found != fmt:
-            raise DataError(f"{where}: this record looks like {found!r} ({_keys(raw)}) but the file's earlier "
-                            f"records ({first_where}) are {fmt!r}; keep one format per file")
-        if fmt is None or (fmt == "chat" and found == "tools"):
-            fmt = found
-        first_where = first_where or where
+        found = check_format(raw, where, cfg, first, first_where)
+        first, first_where = first or found, first_where or where
+        formats.add(found)
         out.append(normalise(raw, found, cfg, where))
     if not out:
         raise DataError(f"{path}: the file has no records")
-    return fmt, out
+    return file_format(first, formats), out
+
+
+def check_format(raw, where: str, cfg: DataConfig, first: str | None, first_where: str | None) -> str:
+    """The record's format (data.format, or detected from its keys). Every record of a file
+    keeps the format of its first (`first`, at `first_where`); chat and tools may mix, a chat
+    record being a tools record without tools."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object (a record), found {type(raw).__name__}")
+    if cfg.format != "auto":
+        return cfg.format
+    found = detect(raw, cfg)
+    if found is None:
+        raise DataError(f"{where}: cannot tell the record's format from its keys {_keys(raw)}; expected "
+                        + "; or ".join(f"{f}: {expected_keys(f, cfg)}" for f in FORMATS if f != "tools")
+                        + " (or set data.format and the data.*_key names)")
+    if first is not None and _family(found) != _family(first):
+        raise DataError(f"{where}: this record looks like {found!r} ({_keys(raw)}) but the file's earlier "
+                        f"records ({first_where}) are {first!r}; keep one format per file")
+    return found
+
+
+def file_format(first: str | None, formats: set[str]) -> str:
+    """A file's format: its first record's, `tools` when chat records come with tools."""
+    return "tools" if first in ("chat", None) and "tools" in formats else (first or min(formats))
+
+
+def _family(fmt: str) -> str:
+    return "chat" if fmt in ("chat", "tools") else fmt
 
 
 def normalise(raw: dict, fmt: str, cfg: DataConfig, where: str) -> Record:

@@ -1,44 +1,47 @@
 """`mlxft data inspect`: what the model will see, before any weight is loaded.
 
 Counts per source, the token-length histogram, supervised-token share, dropped and truncated
-samples, batches and steps per epoch with their padding, and a few rendered samples whose
-supervised tokens are coloured (or wrapped in [[ ]] when the output is not a terminal).
+samples, batches and steps per epoch with their padding, the data cache (where, and whether it
+held every file), and a few rendered samples whose supervised tokens are coloured (or wrapped in
+[[ ]] when the output is not a terminal).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..recipe import Recipe
 from .dataset import load_datasets, recipe_tokenizer
 
 
-def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None) -> dict:
+def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None, progress: bool = False) -> dict:
     """The data report of a recipe as plain (JSON-able) data."""
     tokenizer = tokenizer or recipe_tokenizer(recipe)
-    splits = load_datasets(recipe, tokenizer)
+    splits = load_datasets(recipe, tokenizer, progress=progress)
     train = splits.stats["train"]
     return {
         "recipe": recipe.source,
         **splits.stats,
         "supervised_fraction": round(train["supervised_tokens"] / max(train["tokens"], 1), 4),
-        "length_histogram": _histogram([len(s.tokens) for s in splits.train], recipe.data.max_seq_len),
-        "samples": [{"index": i, "source": s.source, "tokens": len(s.tokens), "supervised": sum(s.mask),
+        "length_histogram": _histogram(splits.train.lengths, recipe.data.max_seq_len),
+        "samples": [{"index": i, "source": s.source, "tokens": len(s.tokens), "supervised": int(s.mask.sum()),
                      "pieces": _pieces(tokenizer, s)} for i, s in enumerate(splits.train[:show])],
     }
 
 
-def _histogram(lengths: list[int], max_seq_len: int) -> list[dict]:
+def _histogram(lengths: np.ndarray, max_seq_len: int) -> list[dict]:
     """Counts in bins (lo, hi] with power-of-two edges up to max_seq_len."""
     edges = [0] + [2 ** k for k in range(4, 32) if 2 ** k < max_seq_len] + [max_seq_len]
-    return [{"from": lo + 1, "to": hi, "count": sum(lo < n <= hi for n in lengths)}
-            for lo, hi in zip(edges, edges[1:])]
+    counts = np.histogram(lengths, bins=np.array(edges) + 0.5)[0] if len(lengths) else [0] * (len(edges) - 1)
+    return [{"from": lo + 1, "to": hi, "count": int(c)} for lo, hi, c in zip(edges, edges[1:], counts)]
 
 
 def _pieces(tokenizer, sample) -> list[dict]:
     """The sample as runs of text, each either supervised or not."""
     runs: list[tuple[bool, list[int]]] = []
-    for tok, sup in zip(sample.tokens, sample.mask):
+    for tok, sup in zip(sample.tokens.tolist(), sample.mask.tolist()):
         if runs and runs[-1][0] == sup:
             runs[-1][1].append(tok)
         else:
@@ -50,7 +53,9 @@ def format_report(report: dict, color: bool = False) -> str:
     """The report as text; `color` uses ANSI colours, otherwise supervised text is in [[ ]]."""
     import click
 
-    out = [f"data of {report['recipe']}", "", "sources:"]
+    cache = report["cache"] + (f", {report['cache_dir']}" if report["cache_dir"] else "")
+    out = [f"data of {report['recipe']}", f"cache: {cache}; data stage {report['seconds']:.2f} s", "",
+           "sources:"]
     head = f"  {'source':<40} {'format':<12} {'records':>8} {'usable':>7} {'dropped':>8} {'truncated':>10} {'no-sup':>7} {'weight':>7} {'in epoch':>9}"
     out.append(head)
     for s in report["sources"]:
@@ -62,7 +67,9 @@ def format_report(report: dict, color: bool = False) -> str:
     out += ["", f"train: {tr['samples']} samples, {tr['tokens']} tokens, {tr['supervised_tokens']} supervised "
                 f"({100 * report['supervised_fraction']:.1f}%), mean length {tr['mean_len']}, max {tr['max_len']}",
             f"       {report['dropped']} dropped (longer than max_seq_len), {report['truncated']} truncated, "
-            f"{report['no_supervised']} without supervised tokens"]
+            f"{report['no_supervised']} without supervised tokens, {report['empty_answers']} with empty "
+            "answers"]
+    out += [f"note: {n}" for n in report["notes"]]
     v = report["valid"]
     out.append("valid: none" if v is None else
                f"valid: {v['samples']} samples, {v['tokens']} tokens, {v['supervised_tokens']} supervised, "

@@ -9,13 +9,17 @@ A directory (local or a downloaded repo) holding split-named files (`train.jsonl
 `data.train`, `validation` (or valid/val/dev) for `data.valid`; `?split=` picks another one.
 
 Every raw record comes with `where`, the place to name in an error: `file:line` for JSONL and
-JSON arrays, `file: row i` for Parquet.
+JSON arrays, `file: row i` for Parquet. Files are read as streams: JSONL by byte ranges (`scan`
+cuts a file into chunks at line ends while hashing it, and worker processes read a chunk each),
+Parquet a batch of rows at a time; a JSON array is decoded from its whole text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -109,16 +113,103 @@ def _download_hf(source: str) -> tuple[Path, str]:
 # Reading files into raw records
 
 
+def file_kind(path: Path) -> str:
+    """`jsonl`, `json` (one JSON array) or `parquet`; a .json file that is not an array is JSONL."""
+    if path.name.endswith(".parquet"):
+        return "parquet"
+    if path.name.endswith(".jsonl"):
+        return "jsonl"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            head = block.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head:
+                return "json" if head.startswith(b"[") else "jsonl"
+    return "jsonl"
+
+
+def where(path: Path, kind: str, n: int) -> str:
+    """The place to name in an error: `file:line`, or `file: row i` for Parquet."""
+    return f"{path}: row {n}" if kind == "parquet" else f"{path}:{n}"
+
+
 def read_records(path: Path) -> Iterator[tuple[str, object]]:
     """Yield (where, record) for every record of a JSONL, JSON-array or Parquet file."""
-    if path.name.endswith(".parquet"):
-        yield from _read_parquet(path)
+    kind = file_kind(path)
+    if kind == "jsonl":
+        for n, raw in read_jsonl_range(path, 0, None, 1):
+            yield where(path, kind, n), raw
         return
-    raw = path.read_bytes()
-    if path.name.endswith(".jsonl") or not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-        yield from _read_jsonl(path, raw)
-    else:
-        yield from _read_json_array(path, _decode(path, raw).lstrip("\ufeff"))
+    for batch in record_batches(path, kind, 1024):
+        for n, raw in batch:
+            yield where(path, kind, n), raw
+
+
+def record_batches(path: Path, kind: str, size: int) -> Iterator[list[tuple[int, object]]]:
+    """(line or row, record) of a JSON-array or Parquet file, `size` at a time."""
+    records = _read_parquet(path) if kind == "parquet" else \
+        _read_json_array(path, _decode(path, path.read_bytes()).lstrip("\ufeff"))
+    batch = []
+    for item in records:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class Scan:
+    """One pass over a file: its content hash, and for JSONL where to cut it into chunks."""
+
+    content: str
+    chunks: list[tuple[int, int, int]]  # (start byte, end byte, line number of the start)
+
+
+def scan(path: Path, chunk_bytes: int, block: int = 16 << 20) -> Scan:
+    """Hash the file (sha256) and, for JSONL, cut it into chunks of about `chunk_bytes` ending
+    at line ends, each with the number of its first line."""
+    h = hashlib.sha256()
+    jsonl = file_kind(path) == "jsonl"
+    chunks: list[tuple[int, int, int]] = []
+    pos = start = 0  # bytes before this block; where the open chunk starts
+    newlines, start_line = 0, 1  # newlines before this block; the open chunk's first line
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+            if jsonl:
+                i, counted, seen = max(0, start + chunk_bytes - pos), 0, 0  # seen: newlines in data[:counted]
+                while i < len(data):
+                    j = data.find(b"\n", i)
+                    if j < 0:
+                        break
+                    seen += data.count(b"\n", counted, j + 1)
+                    counted = j + 1
+                    chunks.append((start, pos + j + 1, start_line))
+                    start, start_line = pos + j + 1, 1 + newlines + seen
+                    i = max(j + 1, start + chunk_bytes - pos)
+                newlines += data.count(b"\n")
+            pos += len(data)
+    if jsonl and start < pos:
+        chunks.append((start, pos, start_line))
+    return Scan(h.hexdigest(), chunks)
+
+
+def read_jsonl_range(path: Path, start: int, end: int | None,
+                     first_line: int) -> Iterator[tuple[int, object]]:
+    """(line number, record) of the JSONL lines in bytes [start, end) (end None: to the end)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read() if end is None else f.read(end - start)
+    for n, line in enumerate(raw.split(b"\n"), first_line):
+        text = _decode(path, line, n).strip().lstrip("\ufeff")  # a BOM some editors write
+        if not text:
+            continue
+        try:
+            yield n, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
+                            "each line must be one JSON object") from None
 
 
 def _decode(path: Path, raw: bytes, first_line: int = 1) -> str:
@@ -130,19 +221,7 @@ def _decode(path: Path, raw: bytes, first_line: int = 1) -> str:
                         "re-encode the file as UTF-8") from None
 
 
-def _read_jsonl(path: Path, raw: bytes) -> Iterator[tuple[str, object]]:
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        text = _decode(path, line, n).strip().lstrip("\ufeff")  # a BOM some editors write
-        if not text:
-            continue
-        try:
-            yield f"{path}:{n}", json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
-                            "each line must be one JSON object") from None
-
-
-def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
+def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
     """Decode a JSON array element by element, to name each record's line in errors."""
     dec = json.JSONDecoder()
     ws = re.compile(r"\s*")
@@ -156,7 +235,7 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
             value, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        yield f"{path}:{line}", value
+        yield line, value
         pos = ws.match(text, pos).end()
         if text.startswith(",", pos):
             pos += 1
@@ -165,17 +244,22 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
             raise DataError(f"{path}:{n}: malformed JSON array (expected ',' or ']' after a record)")
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow; install it with `pip install pyarrow`") from None
     try:
-        rows = pq.read_table(path).to_pylist()
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        i = 0
+        for batch in batches:  # a batch at a time: the whole table is never in memory
+            for row in batch.to_pylist():
+                yield i, _drop_nulls(row)
+                i += 1
+    except DataError:
+        raise
     except Exception as e:  # pyarrow raises several types for damaged files
         raise DataError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
-    for i, row in enumerate(rows):
-        yield f"{path}: row {i}", _drop_nulls(row)
 
 
 def _drop_nulls(value):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from ..errors import PlanError
 from .advice import suggest, thin_margin
 from .configs import ModelShape, load_shape
@@ -53,26 +55,26 @@ class RunBatches:
     tokens: int
     samples: int
     longest: int
-    lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False)
 
     def longer_than(self, n: int) -> int:
         """Samples longer than n tokens: what a max_seq_len of n would truncate or drop."""
-        return sum(length > n for length in self.lengths)
+        return int(np.count_nonzero(self.lengths > n))
 
 
 def run_batches(recipe, samples) -> RunBatches:
     """The first epoch's batches of `samples` as the recipe batches them (every epoch makes the same
     widest batch: the one holding the longest sample)."""
-    from ..data.batching import epoch_batches, row_width
+    from ..data.batching import epoch_batches, row_width, sample_lengths
 
     d, t = recipe.data, recipe.training
     plans = epoch_batches(samples, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
     shapes = [(len(p), row_width(samples, p, d.max_seq_len, d.pack)) for p in plans]
     positions = sum(b * w for b, w in shapes)
-    lengths = tuple(len(s.tokens) for s in samples)
+    lengths = sample_lengths(samples)
     return RunBatches(rows=max(b for b, _ in shapes), width=max(w for _, w in shapes), batches=len(plans),
                       positions=positions, attention_width=sum(b * w * w for b, w in shapes) / positions,
-                      tokens=sum(lengths), samples=len(samples), longest=max(lengths), lengths=lengths)
+                      tokens=int(lengths.sum()), samples=len(samples), longest=int(lengths.max()), lengths=lengths)
 
 
 def read_run_batches(recipe) -> tuple[RunBatches | None, str]:
