@@ -79,7 +79,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.resolved.toml").write_text(resolved_toml(recipe))
     reporter = Reporter(run, p.total_steps, p.loop, callbacks, progress and primary, resumed=p.latest is not None,
-                        write=primary)
+                        write=primary, unit=p.splits.stats.get("unit", "tokens"))
     reporter.start(recipe, p.n_trainable, p.n_total, p.splits.stats, p.latest)
     if p.world > 1:
         reporter.echo(f"data parallel: {p.world} processes, global batch {t.batch_size} rows x grad_accum "
@@ -98,7 +98,8 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
         return path
 
     session = Session(p.model, p.optimizer, p.loss_fn, p.splits, p.loop, p.total_steps, reporter,
-                      save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world)
+                      save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world,
+                      p.objective.summarize if p.objective else None)
     try:
         step_losses = train_loop(session, t, recipe.data)
     finally:
@@ -140,13 +141,14 @@ class _Prepared:
     n_trainable: int
     n_total: int
     planned: dict | None
+    objective: object = None  # objectives.Objective of a preference run, None for SFT
 
 
 def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -> _Prepared:
     """Processes, the plan, run directory, model, data, adapters, optimizer, and the checkpoint to resume."""
     import mlx.core as mx
 
-    from . import data, losses, models
+    from . import data, losses, models, objectives
     from .step import build_optimizer
 
     t, d = recipe.training, recipe.data
@@ -169,6 +171,20 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     if t.grad_checkpointing:
         losses.enable_grad_checkpointing(model)
     loss_fn = partial(losses.loss_sum, chunk_size=t.loss_chunk_size, exact_head=exact_head)
+    objective = objectives.from_config(t)
+    if objective is not None:
+        reference = None
+        if objective.needs_reference:
+            # the same model with its adapters bypassed, or for `full` a frozen copy of the base (made
+            # before a checkpoint's weights are loaded into the policy)
+            base = models.frozen_copy(model) if recipe.adapter.method == "full" else model
+            reference = partial(_reference_logps, base, recipe.adapter.method != "full", t.loss_chunk_size,
+                                exact_head)
+            if t.precompute_reference:
+                _precompute(run, splits, reference, recipe, rank == 0)
+                reference = None
+        loss_fn = partial(objectives.preference_loss, objective, reference=reference, chunk_size=t.loss_chunk_size,
+                          exact_head=exact_head, packed=d.pack)
     n_trainable, n_total = models.count_parameters(model)
     # The data stage already batched the first epoch for its report; one count serves both.
     total_steps = t.steps or splits.stats["batching"]["steps_per_epoch"] * (t.epochs or 1)
@@ -178,7 +194,64 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
             "world_size": world}
     latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
     return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, loss_fn, optimizer,
-                     total_steps, meta, loop, latest, n_trainable, n_total, planned)
+                     total_steps, meta, loop, latest, n_trainable, n_total, planned, objective)
+
+
+def _reference_logps(model, bypass: bool, chunk_size: int, exact_head: bool, tokens, segments):
+    """Per-token log-probs of the reference model: `model` with its adapters bypassed, or a frozen copy."""
+    import contextlib
+
+    from . import losses, models
+
+    with models.adapters_off() if bypass else contextlib.nullcontext():
+        return losses.token_logps(model, tokens, segments, chunk_size, exact_head, grad=False)
+
+
+REFERENCE_FILE = "reference-logps.npz"
+
+
+def _precompute(run: Path, splits, reference, recipe: Recipe, primary: bool) -> None:
+    """`training.precompute_reference`: the reference log-probs of both sequences of every example,
+    computed once (before any checkpoint is loaded, so from the reference weights) and kept in the
+    run directory, keyed by the data, for a resumed run to read."""
+    import mlx.core as mx
+    import numpy as np
+
+    from . import data, losses
+    from .atomic import atomic_file
+    from .step import as_arrays
+
+    key = _fingerprint(splits.train) + (_fingerprint(splits.valid) if splits.valid else "")
+    path = run / REFERENCE_FILE
+    try:
+        saved = np.load(path)
+        found = saved["key"].item() == key and {"train", "valid"} >= set(saved.files) - {"key"}
+    except (OSError, ValueError, KeyError):
+        found = False
+    values = {}
+    for name, examples in (("train", splits.train), ("valid", splits.valid)):
+        if not examples:
+            continue
+        if found and name in saved.files and len(saved[name]) == len(examples):
+            values[name] = saved[name]
+        else:
+            d, t = recipe.data, recipe.training
+            values[name] = np.zeros((len(examples), 2), dtype=np.float32)
+            for plan in data.epoch_batches(examples, t.batch_size, d.max_seq_len, False, t.seed, 0, False):
+                tokens, mask, seq, meta = as_arrays(data.collate(examples, plan, d.max_seq_len, False))
+                cap = meta.shape[0]
+                sums = losses.sequence_sums(reference(tokens, None) * mask[:, 1:], seq[:, 1:], 2 * cap)
+                mx.eval(sums)  # sync point: one per batch of this pass
+                order = [i for row in plan for i in row]
+                values[name][order] = np.stack([np.array(sums[:len(order)]),
+                                                np.array(sums[cap:cap + len(order)])], axis=1)
+        for e, (a, b) in zip(examples, values[name].tolist()):
+            e.ref = (a, b)
+    if primary and not found:
+        run.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), **values)
 
 
 def plan_first(recipe: Recipe, world: int, force: bool, echo) -> dict | None:
@@ -249,6 +322,9 @@ def _fingerprint(samples) -> str:
     """Hash of the tokenized training set: resuming on different data is refused."""
     h = hashlib.sha256()
     for s in samples:
+        if hasattr(s, "key"):  # a preference example
+            h.update(s.key())
+            continue
         h.update(bytes(str(s.tokens), "ascii"))
         h.update(bytes(str(s.mask), "ascii"))
     return h.hexdigest()[:16]

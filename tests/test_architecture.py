@@ -34,6 +34,7 @@ SIDEWAYS = {
     ("tiny", "hf_layout"): "tiny models are written as Hugging Face checkpoints",
     ("tiny", "hfconfig"): "tiny models write their config in transformers 4's or 5's spelling",
     ("recipe_reference", "recipe"): "the reference is generated from the recipe's dataclasses",
+    ("objectives", "losses"): "preference objectives sum the chunked per-token log-probs of losses",
 }
 
 

@@ -59,12 +59,18 @@ class Batch:
 def epoch_batches(samples: list[Sample], batch_size: int, max_seq_len: int, pack: bool,
                   seed: int, epoch: int, shuffle: bool = True) -> list[Plan]:
     """The batch plans of one epoch, deterministic in (seed, epoch); the last batch may be smaller."""
-    rng = np.random.default_rng([seed, epoch])
     lengths = np.array([len(s.tokens) for s in samples], dtype=np.int64)
+    return epoch_plans(lengths, batch_size, max_seq_len, pack, seed, epoch, shuffle)
+
+
+def epoch_plans(lengths: np.ndarray, batch_size: int, max_seq_len: int, pack: bool,
+                seed: int, epoch: int, shuffle: bool = True) -> list[Plan]:
+    """`epoch_batches` from the items' lengths alone (preference pairs batch by their longer side)."""
+    rng = np.random.default_rng([seed, epoch])
     if len(lengths) and lengths.max() > max_seq_len:
         raise ValueError(f"a sample of {lengths.max()} tokens exceeds max_seq_len={max_seq_len}; "
                          "load_datasets truncates or drops them")
-    order = rng.permutation(len(samples)) if shuffle else np.arange(len(samples))
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     if pack:
         rows = _pack_rows(lengths, order, max_seq_len)
         if shuffle:

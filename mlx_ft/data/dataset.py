@@ -65,14 +65,6 @@ def record_texts(recipe: Recipe) -> list[str]:
             for s in r.strings()]
 
 
-def recipe_tokenizer(recipe: Recipe):
-    """The recipe's tokenizer (mlx-lm TokenizerWrapper) without loading or downloading weights;
-    a `builtin:` model's is trained on the recipe's training texts."""
-    from ..hub import load_tokenizer
-
-    return load_tokenizer(recipe.model, texts=lambda: record_texts(recipe))
-
-
 def load_datasets(recipe: Recipe, tokenizer) -> Splits:
     """Read, check, render and mix the recipe's data into train (and validation) samples.
 
@@ -82,27 +74,10 @@ def load_datasets(recipe: Recipe, tokenizer) -> Splits:
     """
     cfg, seed = recipe.data, recipe.training.seed
     names = _sources(cfg)
-    if cfg.weights is not None:
-        if len(cfg.weights) != len(names):
-            raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(names)} train sources; give one per source")
-        for i, w in enumerate(cfg.weights):
-            if not w > 0:
-                raise DataError(f"data.weights[{i}]: a mixing weight must be > 0, found {w}; "
-                                "remove the source instead of weighting it 0")
+    check_weights(cfg)
     sources = [read_source(n, cfg, "train") for n in names]
-    valid_records: list[Record] = []
-    if cfg.valid is not None:
-        valid_records = read_source(cfg.valid, cfg, "validation").records
-    elif cfg.valid_fraction > 0:
-        rng = np.random.default_rng(seed)
-        for src in sources:
-            n_valid = int(round(cfg.valid_fraction * len(src.records))) if len(src.records) > 1 else 0
-            held = set(rng.permutation(len(src.records))[:n_valid].tolist())
-            valid_records += [r for i, r in enumerate(src.records) if i in held]
-            src.records = [r for i, r in enumerate(src.records) if i not in held]
-        if not valid_records:
-            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {sum(len(s.records) for s in sources)} "
-                            "records rounds to 0 validation records; raise it or give data.valid")
+    valid_records = split_valid(sources, cfg, seed,
+                                lambda: read_source(cfg.valid, cfg, "validation").records)
 
     per_source, counts = [], []
     for k, src in enumerate(sources):
@@ -135,6 +110,37 @@ def load_datasets(recipe: Recipe, tokenizer) -> Splits:
         "batching": _batching(mixed, recipe),
     }
     return Splits(mixed, valid, stats)
+
+
+def check_weights(cfg: DataConfig) -> None:
+    """`data.weights`: one positive weight per train source."""
+    names = _sources(cfg)
+    if cfg.weights is not None:
+        if len(cfg.weights) != len(names):
+            raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(names)} train sources; give one per source")
+        for i, w in enumerate(cfg.weights):
+            if not w > 0:
+                raise DataError(f"data.weights[{i}]: a mixing weight must be > 0, found {w}; "
+                                "remove the source instead of weighting it 0")
+
+
+def split_valid(sources: list[Source], cfg: DataConfig, seed: int, read_valid) -> list:
+    """The validation records: `read_valid()` for data.valid, or `valid_fraction` of each train
+    source carved out with `seed` (taken out of `sources` in place)."""
+    if cfg.valid is not None:
+        return read_valid()
+    valid_records: list = []
+    if cfg.valid_fraction > 0:
+        rng = np.random.default_rng(seed)
+        for src in sources:
+            n_valid = int(round(cfg.valid_fraction * len(src.records))) if len(src.records) > 1 else 0
+            held = set(rng.permutation(len(src.records))[:n_valid].tolist())
+            valid_records += [r for i, r in enumerate(src.records) if i in held]
+            src.records = [r for i, r in enumerate(src.records) if i not in held]
+        if not valid_records:
+            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {sum(len(s.records) for s in sources)} "
+                            "records rounds to 0 validation records; raise it or give data.valid")
+    return valid_records
 
 
 def _batching(samples: list[Sample], recipe: Recipe) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ..recipe import Recipe
-from .dataset import load_datasets, recipe_tokenizer
+from . import load_datasets, recipe_tokenizer
 
 
 def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None) -> dict:
