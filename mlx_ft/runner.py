@@ -99,7 +99,7 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
 
     session = Session(p.model, p.optimizer, p.loss_fn, p.splits, p.loop, p.total_steps, reporter,
                       save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world,
-                      p.objective.summarize if p.objective else None)
+                      p.objective.summarize if p.objective else None, p.frozen)
     try:
         step_losses = train_loop(session, t, recipe.data)
     finally:
@@ -142,6 +142,7 @@ class _Prepared:
     n_total: int
     planned: dict | None
     objective: object = None  # objectives.Objective of a preference run, None for SFT
+    frozen: tuple = ()  # the frozen reference copy of a full fine-tune, which the step reads
 
 
 def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -> _Prepared:
@@ -171,18 +172,20 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     if t.grad_checkpointing:
         losses.enable_grad_checkpointing(model)
     loss_fn = partial(losses.loss_sum, chunk_size=t.loss_chunk_size, exact_head=exact_head)
-    objective = objectives.from_config(t)
+    objective, frozen = objectives.from_config(t), ()
     if objective is not None:
         reference = None
         if objective.needs_reference:
             # the same model with its adapters bypassed, or for `full` a frozen copy of the base (made
             # before a checkpoint's weights are loaded into the policy)
-            base = models.frozen_copy(model) if recipe.adapter.method == "full" else model
-            reference = partial(_reference_logps, base, recipe.adapter.method != "full", t.loss_chunk_size,
-                                exact_head)
+            full = recipe.adapter.method == "full"
+            base = models.frozen_copy(model) if full else model
+            reference = partial(_reference_logps, base, not full, t.loss_chunk_size, exact_head)
             if t.precompute_reference:
                 _precompute(run, splits, reference, recipe, rank == 0)
                 reference = None
+            elif full:
+                frozen = (base,)
         loss_fn = partial(objectives.preference_loss, objective, reference=reference, chunk_size=t.loss_chunk_size,
                           exact_head=exact_head, packed=d.pack)
     n_trainable, n_total = models.count_parameters(model)
@@ -194,7 +197,7 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
             "world_size": world}
     latest, loop = _resume_from(run, meta, model, optimizer) if resume else (None, ckpt.LoopState())
     return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, loss_fn, optimizer,
-                     total_steps, meta, loop, latest, n_trainable, n_total, planned, objective)
+                     total_steps, meta, loop, latest, n_trainable, n_total, planned, objective, frozen)
 
 
 def _reference_logps(model, bypass: bool, chunk_size: int, exact_head: bool, tokens, segments):

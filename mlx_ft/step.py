@@ -59,8 +59,9 @@ def apply_update(model, optimizer, grads, divisor, max_grad_norm: float):
     return norm
 
 
-def compile_step(model, optimizer, loss_fn, max_grad_norm: float):
-    """The compiled micro-step and update over [model.state, optimizer.state, mx.random.state].
+def compile_step(model, optimizer, loss_fn, max_grad_norm: float, frozen=()):
+    """The compiled micro-step and update over [model.state, optimizer.state, mx.random.state] (and
+    the state of `frozen`: other modules the loss reads, e.g. a full fine-tune's reference copy).
 
     Args:
         loss_fn: `loss_fn(model, *batch_arrays) -> (summed loss, supervised tokens)`, e.g.
@@ -73,7 +74,7 @@ def compile_step(model, optimizer, loss_fn, max_grad_norm: float):
     import mlx.core as mx
     import mlx.nn as nn
 
-    state = [model.state, optimizer.state, mx.random.state]
+    state = [model.state, optimizer.state, mx.random.state, *(m.state for m in frozen)]
     grad_fn = nn.value_and_grad(model, loss_fn)
 
     @partial(mx.compile, inputs=state, outputs=state)

@@ -51,6 +51,8 @@ class Session:
     world: int = 1
     summarize: Callable[[list[float]], dict] | None = None
     """Metric sums and counts of a step (or a validation pass) -> metrics by name (TRL's names)."""
+    frozen: tuple = ()
+    """Modules the loss reads besides the model (a full fine-tune's frozen reference copy)."""
 
 
 def metal_memory_plan(device_info: dict, stop_fraction: float = 0.95,
@@ -105,7 +107,7 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
     def plans_for(epoch: int):
         return data.epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, epoch, d.shuffle)
 
-    micro_step, update, state = compile_step(model, s.optimizer, s.loss_fn, t.max_grad_norm)
+    micro_step, update, state = compile_step(model, s.optimizer, s.loss_fn, t.max_grad_norm, s.frozen)
     # loss_normalization "epoch": every step divides by one number, the epoch's supervised tokens
     # (render never supervises a sample's first token, so each is a target) per optimizer step, both
     # from the data stage's report; "step": by the step's own count.

@@ -3,6 +3,11 @@
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +51,22 @@ def chat_jsonl(tmp_path):
     train.write_text("\n".join(json.dumps(r) for r in recs[:40]) + "\n")
     valid.write_text("\n".join(json.dumps(r) for r in recs[40:]) + "\n")
     return train, valid
+
+
+def kill_then_resume(recipe: Path, run: Path, kill_after: int) -> subprocess.CompletedProcess:
+    """`mlxft run RECIPE` in a subprocess, SIGKILLed once metrics.jsonl has `kill_after` rows, then
+    `mlxft run RECIPE --resume` to the end; returns the second run's result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_ft", "run", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it was killed"
+    return subprocess.run([sys.executable, "-m", "mlx_ft", "run", str(recipe), "--resume"], capture_output=True,
+                          text=True, env=env)
