@@ -313,6 +313,9 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Without a recipe: tokens per row.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, help="Without a recipe: recompute blocks.")
 @click.option("--pack/--no-pack", default=False, help="Without a recipe: packed rows.")
+@click.option("--objective", type=click.Choice(["sft", "dpo", "orpo", "simpo", "kto"]), default="sft",
+              show_default=True, help="Without a recipe: the training objective (preference objectives train "
+              "batch-size examples of two sequences each).")
 @click.option("--tokens", type=int, help="Training tokens per epoch, for the time estimate (default: count the dataset).")
 @click.option("--budget-gb", type=float, help="Override the machine's GPU budget (GiB), e.g. after raising iogpu.wired_limit_mb.")
 @click.option("--probe", is_flag=True, help="Run 2 real steps at a short length here and calibrate the estimate.")
@@ -330,7 +333,8 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
 def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
-         tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model, as_json):
+         objective, tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model,
+         as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
     \b
@@ -365,9 +369,12 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
             raise PlanError("--probe needs a RECIPE (it trains 2 real steps on the recipe's model)")
         if layers != "all" and not layers.isdigit():
             raise PlanError(f"--layers: expected a number of blocks or 'all', found {layers!r}")
+        from .planner.settings import reference_kind
+
         st = Settings(method=method.removeprefix("q"), quant_bits=4 if method.startswith("q") else None,
                       rank=rank, layers=None if layers == "all" else int(layers), batch_size=batch_size,
-                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
+                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing, objective=objective,
+                      reference=reference_kind(objective, method.removeprefix("q")))
         p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
                        "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)

@@ -207,9 +207,7 @@ def token_logps(model, tokens: mx.array, segments: mx.array | None = None, chunk
             raise ModelError("data.pack: packing needs mlx-lm's standard model layout; set data.pack = false")
         return -nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
 
-    def chunk_logps(h_c, t_c):  # [B, c, D], [B, c] -> [B, c]
-        return -nn.losses.cross_entropy(_head(model, h_c).astype(mx.float32), t_c)
-
+    chunk_logps = partial(target_logps, model)
     h = _hidden(model, inputs, seg)  # [B, L-1, D]
     n = h.shape[1]
     step = chunk_positions(chunk_size, h.shape[0], _vocab(model), n)
@@ -251,6 +249,12 @@ def _fused_logps(chunk_logps, h_c: mx.array, t_c: mx.array) -> mx.array:
         return [(cotangents[0][..., None] * outputs[1]).astype(primals[0].dtype)]
 
     return scored(h_c)[0]
+
+
+def target_logps(model, h_c: mx.array, t_c: mx.array) -> mx.array:
+    """Log-probs [B, c] of the targets t_c [B, c] from hidden states h_c [B, c, D]; its float32
+    [B, c, V] logits are the only ones alive."""
+    return -nn.losses.cross_entropy(_head(model, h_c).astype(mx.float32), t_c)
 
 
 def sequence_sums(values: mx.array, seq: mx.array, n: int) -> mx.array:

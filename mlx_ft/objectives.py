@@ -100,23 +100,36 @@ def preference_loss(objective: Objective, model, tokens: mx.array, mask: mx.arra
     Returns:
         (loss_sum, units, metrics): float32 scalars and float32 [2 x len(metric_names)].
     """
-    P, R = meta.shape[0], tokens.shape[0] // 2
     segments = seq if packed else None
-    kw = dict(chunk_size=chunk_size, exact_head=exact_head)
-    if objective.name == "kto":  # the KL sequences get no gradient (TRL computes them under no_grad)
-        policy = mx.concatenate([
-            token_logps(model, tokens[:R], None if segments is None else segments[:R], grad=grad, **kw),
-            mx.stop_gradient(token_logps(model, tokens[R:], None if segments is None else segments[R:],
-                                         grad=False, **kw))])
-    else:
-        policy = token_logps(model, tokens, segments, grad=grad, **kw)  # [2R, W-1]
+    policy = policy_logps(objective, lambda t, s, g: token_logps(model, t, s, chunk_size, exact_head, g), tokens,
+                          segments, grad)
+    ref = reference(tokens, segments) if reference is not None and objective.needs_reference else None
+    return loss_from_logps(objective, policy, ref, mask, seq, meta)
+
+
+def policy_logps(objective: Objective, logps, tokens: mx.array, segments: mx.array | None, grad: bool) -> mx.array:
+    """The policy's per-token log-probs [2R, W-1] by `logps(tokens, segments, grad)`; KTO's second half
+    (the KL sequences) gets no gradient, as TRL computes them under no_grad, so it runs separately."""
+    if objective.name != "kto":
+        return logps(tokens, segments, grad)
+    R = tokens.shape[0] // 2
+    halves = [None, None] if segments is None else [segments[:R], segments[R:]]
+    return mx.concatenate([logps(tokens[:R], halves[0], grad),
+                           mx.stop_gradient(logps(tokens[R:], halves[1], False))])
+
+
+def loss_from_logps(objective: Objective, policy: mx.array, reference: mx.array | None, mask: mx.array,
+                    seq: mx.array, meta: mx.array):
+    """`preference_loss` from the policy's (and the reference's) per-token log-probs [2R, W-1]; without
+    `reference` an objective that needs one reads the precomputed sums in `meta`."""
+    P = meta.shape[0]
     target_seq = seq[:, 1:]  # the sequence of each target token
     w = mask[:, 1:].astype(mx.float32)  # completion targets
     logps = sequence_sums(policy * w, target_seq, 2 * P)  # [2P]: first sequences, then second
     counts = mx.stop_gradient(sequence_sums(w, target_seq, 2 * P))
     if objective.needs_reference:
         if reference is not None:
-            ref = mx.stop_gradient(sequence_sums(reference(tokens, segments) * w, target_seq, 2 * P))
+            ref = mx.stop_gradient(sequence_sums(reference * w, target_seq, 2 * P))
         else:
             ref = mx.concatenate([meta[:, 1], meta[:, 2]])
     else:

@@ -70,3 +70,22 @@ def kill_then_resume(recipe: Path, run: Path, kill_after: int) -> subprocess.Com
     assert not (run / "summary.json").exists(), "the run finished before it was killed"
     return subprocess.run([sys.executable, "-m", "mlx_ft", "run", str(recipe), "--resume"], capture_output=True,
                           text=True, env=env)
+
+
+def replayed_and_measured(model, st) -> tuple[int, int]:
+    """The planner's replayed peak of the step `step_function` traces for (model, st), and MLX's peak
+    running that step compiled (both with the step's evaluated inputs)."""
+    import mlx.core as mx
+
+    from mlx_ft.planner.replay import replay
+    from mlx_ft.planner.trace import step_function, trace_step
+
+    step, args, held, _ = step_function(model, st)
+    mx.eval(args)
+    predicted = sum(held.values()) + replay(trace_step(model, st)).peak_bytes
+    compiled = mx.compile(step)
+    mx.eval(compiled(*args))  # the first call compiles
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(compiled(*args))
+    return predicted, mx.get_peak_memory() - base + sum(held.values())

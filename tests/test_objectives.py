@@ -3,6 +3,7 @@ tiny model and batch; ln 2 at initialisation; gradients through the compiled ste
 difference; packed == unpacked; chunked == unchunked; precomputed reference == in-step reference."""
 
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from mlx_ft import data, models, objectives
 from mlx_ft.recipe import recipe_from_dict
 from mlx_ft.runner import _reference_logps
 from mlx_ft.step import as_arrays, build_optimizer, compile_step
+
+from conftest import replayed_and_measured  # noqa: E402
 
 L = 96  # max_seq_len: every pair of the batch fits unpacked and, four to a row, packed (L = 256)
 
@@ -315,3 +318,67 @@ def test_precomputed_reference_equals_the_in_step_one(setup, tiny_model_dir):
     live, pre = loss_and_grads(model, obj, batch), loss_and_grads(model, obj, batch, reference=False)
     assert pre[0] == pytest.approx(live[0], rel=1e-6)
     assert_metrics_equal(pre[1], live[1], live[1])
+
+
+@pytest.mark.parametrize("kw", [{"objective": "dpo", "reference": "bypass"}, {"objective": "kto", "reference": "bypass"},
+                                {"method": "full", "objective": "dpo", "reference": "copy", "seq_len": 63}])
+def test_replayed_preference_step_is_mlx_peak(tiny_model_dir, kw):
+    """The planner's traced preference step (two rows per example, the reference pass or copy), run
+    compiled, peaks where the replay says (loss_chunk 0: no surrogate; measured 0.96-0.99)."""
+    from mlx_ft.planner import Settings
+    from mlx_ft.recipe import AdapterConfig, ModelConfig
+
+    model, _, _ = models.load_base(ModelConfig(path=str(tiny_model_dir)))
+    st = Settings(**{"rank": 8, "batch_size": 2, "seq_len": 511, "loss_chunk": 0, **kw})
+    models.apply_adapters(model, AdapterConfig(method=st.method, rank=st.rank))
+    predicted, measured = replayed_and_measured(model, st)
+    assert predicted == pytest.approx(measured, rel=0.08), (predicted, measured)
+
+
+def test_plan_counts_two_rows_per_example_and_the_reference_copy(setup, tiny_model_dir, monkeypatch):
+    """`mlxft plan` for every objective; a full fine-tune's DPO plans its frozen copy, and on a budget
+    that SFT fits and DPO does not, says so, offers the changes that fit, and `mlxft run` refuses."""
+    from click.testing import CliRunner
+
+    from mlx_ft.cli import main
+    import importlib
+
+    from mlx_ft.planner import plan
+
+    plan_module = importlib.import_module("mlx_ft.planner.plan")
+
+    tmp = setup[0]
+    peaks = {}
+    for objective in ("sft", "dpo", "orpo", "simpo", "kto"):
+        recipe = make_recipe(tmp, tiny_model_dir, objective, pref_records(4), max_seq_len=256)
+        if objective == "sft":
+            recipe = make_recipe(tmp, tiny_model_dir, "sft", [{"messages": r["prompt"] + r["chosen"]}
+                                                             for r in pref_records(4)], max_seq_len=256)
+        p = plan(recipe, machine="m4-max-128")
+        assert p.estimate.memory_model.startswith("replayed graph") and p.tokens_per_epoch, objective
+        peaks[objective] = p.estimate.peak_bytes
+    assert min(peaks[o] for o in ("dpo", "orpo", "simpo")) > 1.5 * peaks["sft"], peaks
+
+    full = make_recipe(tmp, tiny_model_dir, "dpo", pref_records(4))
+    full = replace(full, adapter=replace(full.adapter, method="full"))
+    precomputed = replace(full, training=replace(full.training, precompute_reference=True))
+    with_copy, without = plan(full, machine="m4-max-128"), plan(precomputed, machine="m4-max-128")
+    copy = with_copy.estimate.breakdown["reference copy"]
+    assert copy == sum(v.nbytes for k, v in tree_flatten(setup[1].parameters()) if ".layers." in k and "lora" not in k)
+    assert "reference copy" not in without.estimate.breakdown
+    budget = (with_copy.peak_bytes + without.peak_bytes) / 2 / 2**30
+    tight = plan(full, machine="m4-max-128", budget_gb=budget)
+    assert not tight.fits and plan(precomputed, machine="m4-max-128", budget_gb=budget).fits
+    assert "training.precompute_reference" in {s["change"] for s in tight.suggestions}
+
+    real = plan_module.get_machine
+    monkeypatch.setattr(plan_module, "get_machine", lambda name, budget_gb=None: real("m4-max-128", budget))
+    recipe_file = tmp / "full.toml"
+    recipe_file.write_text(f'[model]\npath = "{tiny_model_dir}"\n[adapter]\nmethod = "full"\n[data]\n'
+                           f'train = "{tmp / "prefs.jsonl"}"\nmax_seq_len = {L}\n[training]\nobjective = "dpo"\n'
+                           f'batch_size = 4\n[output]\ndir = "{tmp / "refused"}"\n')
+    result = CliRunner().invoke(main, ["run", str(recipe_file)])
+    assert result.exit_code == 2, result.output
+    assert "DOES NOT FIT" in result.output and "frozen reference copy" in result.output
+    assert "training.precompute_reference = true or adapter.method = 'lora'" in result.output
+    assert not (tmp / "refused").exists()

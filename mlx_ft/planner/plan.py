@@ -9,7 +9,7 @@ from ..errors import PlanError
 from .configs import ModelShape, load_shape
 from .machines import Machine, get_machine
 from .formula import estimate
-from .settings import STATIC_TERMS, Estimate, Settings, adapted_layers, adapted_modules
+from .settings import STATIC_TERMS, Estimate, Settings, adapted_layers, adapted_modules, reference_kind
 
 
 def settings_from_recipe(recipe) -> Settings:
@@ -22,7 +22,8 @@ def settings_from_recipe(recipe) -> Settings:
         rank=a.rank, layers=None if a.layers == "all" else int(a.layers),
         targets=(a.targets,) if isinstance(a.targets, str) else tuple(a.targets),
         batch_size=t.batch_size, seq_len=L - 1, pack=d.pack, grad_checkpointing=t.grad_checkpointing,
-        loss_chunk=t.loss_chunk_size, optimizer=t.optimizer, grad_accum=t.grad_accum)
+        loss_chunk=t.loss_chunk_size, optimizer=t.optimizer, grad_accum=t.grad_accum, objective=t.objective,
+        reference=reference_kind(t.objective, a.method, t.precompute_reference))
 
 
 @dataclass(repr=False)
@@ -93,7 +94,7 @@ class Plan:
         if self.seconds_per_epoch is None or not self.tokens_per_epoch:
             raise PlanError("--nodes needs a time estimate: give --tokens N (or a recipe whose data can be counted)")
         st = self.settings
-        step_tokens = st.batch_size * st.grad_accum * (st.seq_len + 1)
+        step_tokens = st.rows * st.grad_accum * (st.seq_len + 1)
         step_seconds = self.seconds_per_epoch * step_tokens / self.tokens_per_epoch
         grad_bytes = self.estimate.trainable_params * (self.shape.dtype_bytes if st.method == "full" else 4)
         self.cluster = cluster_estimate(nodes, link, step_seconds, grad_bytes)
@@ -203,6 +204,11 @@ def preflight(recipe, world: int = 1) -> dict:
     how = "fits" if fits else "DOES NOT FIT"
     verdict = (f"plan: peak {_gib(need).strip()} of a {_gib(budget).strip()} budget on {mach.name}: {how} "
                f"({abs(budget - need) / budget:.0%} {'to spare' if fits else 'over'}; {est.memory_model})")
+    copy = est.breakdown.get("reference copy", 0)
+    if copy and not fits:
+        verdict += (f"; it counts a frozen reference copy of the trained weights ({_gib(copy).strip()}) that "
+                    f"training.objective = {st.objective!r} needs with adapter.method = 'full': "
+                    "training.precompute_reference = true or adapter.method = 'lora' avoids it")
     return {"verdict": verdict, "fits": fits, "planned_peak_bytes": est.peak_bytes, "required_bytes": need,
             "budget_bytes": budget, "machine": mach.name, "memory_model": est.memory_model}
 
@@ -286,8 +292,13 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
         add("model.quantize", {"bits": 4, "group_size": 64}, "QLoRA: model.quantize = { bits = 4, group_size = 64 }",
             replace(st, quant_bits=4, quant_group=64))
     if st.method == "full":
-        add("adapter.method", "lora", "adapter.method = 'lora' instead of full fine-tuning",
-            replace(st, method="lora"))
+        add("adapter.method", "lora", "adapter.method = 'lora' instead of full fine-tuning"
+            + (" (the reference is then the base with the adapters off: no copy)" if st.reference == "copy" else ""),
+            replace(st, method="lora", reference="bypass" if st.reference == "copy" else st.reference))
+    if st.reference == "copy":
+        add("training.precompute_reference", True, "training.precompute_reference = true (the reference's "
+            "log-probs are computed once before training, so no frozen copy is held)",
+            replace(st, reference="precomputed"))
     n_now = st.layers or shape.layers
     n = _largest(lambda k: _required(shape, replace(st, layers=k)) <= budget, 1, n_now - 1)
     if n:
@@ -360,11 +371,17 @@ def _header_lines(p: Plan) -> list[str]:
     method = st.method + (f" on a {st.quant_bits}-bit base (QLoRA)" if st.quant_bits else
                           f" on a {sh.quantized_bits}-bit checkpoint" if sh.quantized_bits else f" on a {sh.dtype} base")
     layers = "all" if st.layers is None else f"last {st.layers} of"
+    reference = {"bypass": "reference: the base, adapters off", "copy": "reference: a frozen copy",
+                 "precomputed": "reference: precomputed"}.get(st.reference)
+    objective = "" if st.objective == "sft" else f"{st.objective}{f' ({reference})' if reference else ''}, "
+    rows = "" if st.objective == "sft" else " pairs" if st.objective != "kto" else " examples"
+    rows += " x 2 sequences" if st.objective != "sft" else ""
     moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}"
            if sh.is_moe else "")
     return [
         f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; config: {sh.source})",
-        f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size} x {st.seq_len + 1} tokens"
+        f"training {objective}{method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size}{rows} x "
+        f"{st.seq_len + 1} tokens"
         f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
         f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
         f"machine  {m.name} ({m.chip}, {m.memory_bytes / 2**30:.0f} GiB); budget {m.budget_bytes / 2**30:.2f} GiB "
