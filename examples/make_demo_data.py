@@ -2,6 +2,7 @@
 
 The skill is visible and checkable: after `mlxft run recipes/demo.toml` the model answers a
 review with `{"sentiment": "positive"|"negative", "topic": ...}` for reviews it never saw.
+prefs-*.jsonl hold preference pairs on the same task (recipes/demo-dpo.toml).
 Deterministic (seeded); run `python examples/make_demo_data.py` to rewrite examples/data/.
 """
 
@@ -44,13 +45,34 @@ def record(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
-def main(out: Path = Path(__file__).parent / "data", n_train: int = 480, n_valid: int = 48) -> None:
+def preference(rng: random.Random) -> dict:
+    """A preference pair on the same task (TRL's conversational format): the right verdict over a
+    wrong one: the sentiment flipped, the topic wrong, or prose instead of JSON."""
+    msgs = record(rng)["messages"][:3]
+    answer = json.loads(msgs[2]["content"])
+    kind = rng.random()
+    if kind < 0.5:
+        wrong = json.dumps({**answer, "sentiment": "negative" if answer["sentiment"] == "positive" else "positive"})
+    elif kind < 0.75:
+        wrong = json.dumps({**answer, "topic": rng.choice(sorted(t for t in TOPICS if t != answer["topic"]))})
+    else:
+        wrong = f"This review is {answer['sentiment']}; it is about the {answer['topic']}."
+    return {"prompt": msgs[:2], "chosen": [msgs[2]], "rejected": [{"role": "assistant", "content": wrong}]}
+
+
+def main(out: Path = Path(__file__).parent / "data", n_train: int = 480, n_valid: int = 48,
+         n_pairs: int = 240, n_valid_pairs: int = 32) -> None:
     rng = random.Random(0)
     out.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", n_train), ("valid", n_valid)):
         with open(out / f"{name}.jsonl", "w") as f:
             for _ in range(n):
                 f.write(json.dumps(record(rng)) + "\n")
+    rng = random.Random(1)  # the preference pairs: recipes/demo-dpo.toml and recipes/qwen7b-dpo.toml
+    for name, n in (("prefs-train", n_pairs), ("prefs-valid", n_valid_pairs)):
+        with open(out / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(preference(rng)) + "\n")
 
 
 if __name__ == "__main__":
