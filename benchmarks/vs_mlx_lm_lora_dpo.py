@@ -50,6 +50,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 MLX_LM_LORA = "5.10.2"
 
+sys.path.insert(0, str(HERE.parent))
+from vs_mlx_lm import ab_parser, child_result, publish, timed_loader  # noqa: E402  (the A/B plumbing they share)
+
 
 @dataclass
 class Scenario:
@@ -166,12 +169,7 @@ def child(tool: str, config: str) -> None:
     import mlx_lm.utils
 
     marks = {}
-    load = mlx_lm.utils.load
-
-    def timed_load(*a, **k):  # both tools load the policy through mlx_lm.utils.load
-        out = load(*a, **k)
-        marks.setdefault("loaded", time.perf_counter())
-        return out
+    timed_load = timed_loader(marks)  # both tools load the policy through mlx_lm.utils.load
 
     if tool == "mlx_lm_lora":
         import mlx_lm_lora.train
@@ -205,13 +203,7 @@ def child(tool: str, config: str) -> None:
 
 
 def run_child(python: Path, tool: str, config: Path) -> dict:
-    p = subprocess.run([str(python), str(HERE), "--child", tool, str(config)], capture_output=True, text=True,
-                       env=os.environ.copy())
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-        sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
-        raise SystemExit(f"{tool} failed (exit {p.returncode})")
-    return json.loads(lines[-1][7:])
+    return child_result([str(python), str(HERE), "--child", tool, str(config)], tool)
 
 
 def evaluate(b: dict, adapters: str, sc: Scenario) -> dict:
@@ -261,13 +253,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3, help="A B rounds per scenario, round i with seed + i")
-    ap.add_argument("--only", help="comma-separated scenario names")
-    ap.add_argument("--smoke", action="store_true", help="a tiny model and data: checks the script, not speed")
-    ap.add_argument("--json", help="also write the raw measurements here")
+    ap = ab_parser(__doc__)
     ap.add_argument("--venv", help="mlx-lm-lora's virtual environment (created when missing)")
-    ap.add_argument("--workdir", help="keep models, data and runs here (default: a temp dir)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -310,10 +297,7 @@ def main() -> None:
                 "loss": statistics.mean(m["loss"] for m in ms),
                 "accuracy": statistics.mean(m["accuracy"] for m in ms), "all": ms}
         results.append(row)
-    print()
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    publish(table(results), results, args.json)
 
 
 if __name__ == "__main__":
