@@ -1,7 +1,8 @@
 """mlx_ft's DPO vs mlx-lm-lora's, same model, data and settings, run alternately: docs/benchmarks.md.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 HF_HUB_OFFLINE=1 \\
-        python benchmarks/vs_mlx_lm_lora_dpo.py [--repeats 3] [--only short,long,vocab] [--smoke] [--json out.json]
+        python benchmarks/vs_mlx_lm_lora_dpo.py [--repeats 3] [--only short,long,vocab] [--smoke] \\
+        [--json out.json]
 
 mlx-lm-lora is not a dependency of mlx_ft: the script makes its own virtual environment for it
 (`--venv`, default `$MLX_FT_CACHE/bench/mlx-lm-lora-venv`, i.e. under ~/.cache/mlx_ft) and installs
@@ -51,7 +52,7 @@ HERE = Path(__file__).resolve()
 MLX_LM_LORA = "5.10.2"
 
 sys.path.insert(0, str(HERE.parent))
-from vs_mlx_lm import ab_parser, child_result, publish, timed_loader  # noqa: E402  (the A/B plumbing they share)
+from vs_mlx_lm import ab_parser, child_result, publish, timed_loader  # noqa: E402  (shared A/B plumbing)
 
 
 @dataclass
@@ -285,13 +286,14 @@ def main() -> None:
                 m.update(evaluate(b, m["adapters"], sc))
                 runs[tool].append(m)
                 print(f"   {i + 1}/{repeats} seed {rnd.seed} {tool:12s} {m['time']:7.2f} s  peak "
-                      f"{m['peak'] / 2**20:7.0f} MB  held-out loss {m['loss']:.4f} accuracy {m['accuracy']:.3f}",
-                      flush=True)
+                      f"{m['peak'] / 2**20:7.0f} MB  held-out loss {m['loss']:.4f} "
+                      f"accuracy {m['accuracy']:.3f}", flush=True)
         row = {"scenario": sc.name, "n_train": sc.n_train, "setup": {**asdict(sc), **b}, "runs": {}}
         for tool, ms in runs.items():
             base = runs["mlx_lm_lora"]
             row["runs"][tool] = {
-                "time": statistics.median(m["time"] for m in ms), "peak": statistics.median(m["peak"] for m in ms),
+                "time": statistics.median(m["time"] for m in ms),
+                "peak": statistics.median(m["peak"] for m in ms),
                 # per A B pair (the same minutes of a shared machine), then their median
                 "time_ratio": statistics.median(m["time"] / a["time"] for m, a in zip(ms, base)),
                 "loss": statistics.mean(m["loss"] for m in ms),

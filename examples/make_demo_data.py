@@ -52,7 +52,8 @@ def preference(rng: random.Random) -> dict:
     answer = json.loads(msgs[2]["content"])
     kind = rng.random()
     if kind < 0.5:
-        wrong = json.dumps({**answer, "sentiment": "negative" if answer["sentiment"] == "positive" else "positive"})
+        flipped = "negative" if answer["sentiment"] == "positive" else "positive"
+        wrong = json.dumps({**answer, "sentiment": flipped})
     elif kind < 0.75:
         wrong = json.dumps({**answer, "topic": rng.choice(sorted(t for t in TOPICS if t != answer["topic"]))})
     else:

@@ -333,8 +333,8 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, overwrite):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
 def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
-         objective, tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model,
-         as_json):
+         objective, tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link,
+         memory_model, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
     \b
@@ -373,8 +373,8 @@ def plan(recipe, machine, model, method, rank, layers, batch_size, max_seq_len, 
 
         st = Settings(method=method.removeprefix("q"), quant_bits=4 if method.startswith("q") else None,
                       rank=rank, layers=None if layers == "all" else int(layers), batch_size=batch_size,
-                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing, objective=objective,
-                      reference=reference_kind(objective, method.removeprefix("q")))
+                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing,
+                      objective=objective, reference=reference_kind(objective, method.removeprefix("q")))
         p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given" if tokens else
                        "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)

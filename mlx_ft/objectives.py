@@ -86,9 +86,9 @@ def from_config(t: TrainingConfig) -> Objective | None:
     return Objective(t.objective, **values)
 
 
-def preference_loss(objective: Objective, model, tokens: mx.array, mask: mx.array, seq: mx.array, meta: mx.array,
-                    reference=None, chunk_size: int = 512, exact_head: bool = True, packed: bool = False,
-                    grad: bool = True):
+def preference_loss(objective: Objective, model, tokens: mx.array, mask: mx.array, seq: mx.array,
+                    meta: mx.array, reference=None, chunk_size: int = 512, exact_head: bool = True,
+                    packed: bool = False, grad: bool = True):
     """The summed loss of a batch of examples, their number, and the metrics' sums and counts.
 
     Args:
@@ -101,13 +101,14 @@ def preference_loss(objective: Objective, model, tokens: mx.array, mask: mx.arra
         (loss_sum, units, metrics): float32 scalars and float32 [2 x len(metric_names)].
     """
     segments = seq if packed else None
-    policy = policy_logps(objective, lambda t, s, g: token_logps(model, t, s, chunk_size, exact_head, g), tokens,
-                          segments, grad)
+    logps = lambda t, s, g: token_logps(model, t, s, chunk_size, exact_head, g)  # noqa: E731
+    policy = policy_logps(objective, logps, tokens, segments, grad)
     ref = reference(tokens, segments) if reference is not None and objective.needs_reference else None
     return loss_from_logps(objective, policy, ref, mask, seq, meta)
 
 
-def policy_logps(objective: Objective, logps, tokens: mx.array, segments: mx.array | None, grad: bool) -> mx.array:
+def policy_logps(objective: Objective, logps, tokens: mx.array, segments: mx.array | None,
+                 grad: bool) -> mx.array:
     """The policy's per-token log-probs [2R, W-1] by `logps(tokens, segments, grad)`; KTO's second half
     (the KL sequences) gets no gradient, as TRL computes them under no_grad, so it runs separately."""
     if objective.name != "kto":
@@ -156,7 +157,8 @@ def loss_from_logps(objective: Objective, policy: mx.array, reference: mx.array 
     log_odds = (safe1 - safe2) - (_log1mexp(safe1) - _log1mexp(safe2))
     ratio = nn.log_sigmoid(log_odds)
     lam, units = objective.orpo_lambda, valid.sum()
-    extra = [(nll, (units > 0).astype(mx.float32)), ((valid * ratio).sum(), units), ((valid * log_odds).sum(), units)]
+    extra = [(nll, (units > 0).astype(mx.float32)), ((valid * ratio).sum(), units),
+             ((valid * log_odds).sum(), units)]
     return _finish(objective, nll - lam * ratio, lam * avg1, lam * avg2, avg1, avg2, valid, extra)
 
 

@@ -574,8 +574,9 @@ def _objective_problems(r: Recipe) -> list[str]:
         p.append(f"training.beta: must be > 0, found {t.beta}")
     if t.label_smoothing is not None and t.objective == "dpo":
         if (t.loss_type or "sigmoid") != "robust":
-            p.append(f"training.label_smoothing: only the 'robust' loss uses it (as in TRL), but training.loss_type "
-                     f"is {t.loss_type or 'sigmoid'!r}; set training.loss_type = 'robust' or remove label_smoothing")
+            p.append(f"training.label_smoothing: only the 'robust' loss uses it (as in TRL), but "
+                     f"training.loss_type is {t.loss_type or 'sigmoid'!r}; set training.loss_type = 'robust' "
+                     "or remove label_smoothing")
         elif not 0 <= t.label_smoothing < 0.5:
             p.append(f"training.label_smoothing: must be in [0, 0.5) (the share of flipped labels), "
                      f"found {t.label_smoothing}")
@@ -589,11 +590,12 @@ def _objective_problems(r: Recipe) -> list[str]:
             p.append(f"training.{key}: must be > 0, found {v}")
     if t.objective != "sft":
         if d.format != "auto":
-            p.append(f"data.format: preference records are detected per record (TRL's formats), but data.format is "
-                     f"{d.format!r} and training.objective is {t.objective!r}; set data.format = 'auto'")
+            p.append(f"data.format: preference records are detected per record (TRL's formats), but "
+                     f"data.format is {d.format!r} and training.objective is {t.objective!r}; set "
+                     "data.format = 'auto'")
         if d.train_on != "assistant":
-            p.append(f"data.train_on: with training.objective = {t.objective!r} the completions are supervised, "
-                     f"so train_on {d.train_on!r} has no effect; remove data.train_on")
+            p.append(f"data.train_on: with training.objective = {t.objective!r} the completions are "
+                     f"supervised, so train_on {d.train_on!r} has no effect; remove data.train_on")
     return p
 
 

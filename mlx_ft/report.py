@@ -125,7 +125,8 @@ class Reporter:
                 "step": self.loop.step, "epoch": self.loop.epoch, "loss": w["loss"] / w["steps"],
                 "last_loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
                 self._units("tokens"): w["tokens"], self._units("trained_tokens"): self.loop.trained_tokens,
-                self._units("tokens_per_sec"): w["tokens"] / max(now - w["t"], 1e-9), "peak_memory_bytes": peak,
+                self._units("tokens_per_sec"): w["tokens"] / max(now - w["t"], 1e-9),
+                "peak_memory_bytes": peak,
                 "elapsed": self.loop.elapsed,
                 **{name: total / n for name, (total, n) in w["metrics"].items()},
             }
@@ -140,9 +141,9 @@ class Reporter:
                 per_step = (self.loop.elapsed - self.base_elapsed) / max(self.loop.step - self.first_step, 1)
                 eta = (self.total - self.loop.step) * per_step
                 shown = "".join(f"{k} {row[k]:.3f}  " for k in _SHORT if k in row)
-                unit = "tok" if self.unit == "tokens" else self.unit
+                unit, digits = ("tok", 0) if self.unit == "tokens" else (self.unit, 2)
                 print(f"step {self.loop.step}/{self.total}  loss {row['loss']:.4f}  {shown}lr {lr:.2e}  "
-                      f"{unit}/s {rate:.{0 if self.unit == 'tokens' else 2}f}  trained {self.loop.trained_tokens:,}  "
+                      f"{unit}/s {rate:.{digits}f}  trained {self.loop.trained_tokens:,}  "
                       f"peak {peak / 2**20:.0f} MB  eta {_duration(eta)}", flush=True)
             for cb in self.callbacks:
                 cb.on_train_report(row)
@@ -211,8 +212,8 @@ class Reporter:
         va = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
         out = self.run / "loss.svg"
         text = loss_svg(self.run.name, {"train": tr, "validation": va})
-        panels = [(label, {name: [(r["step"], r[key]) for r in self.rows if key in r] for name, key in series})
-                  for label, series in _PANELS]
+        panels = [(label, {name: [(r["step"], r[key]) for r in self.rows if key in r]
+                           for name, key in series}) for label, series in _PANELS]
         panels = [(label, series) for label, series in panels if any(series.values())]
         if panels:  # a preference objective: its rewards and accuracy under the loss
             text = stacked_svg([text] + [loss_svg(self.run.name, series, ylabel=label, log=False)

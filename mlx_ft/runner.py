@@ -186,8 +186,8 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
                 reference = None
             elif full:
                 frozen = (base,)
-        loss_fn = partial(objectives.preference_loss, objective, reference=reference, chunk_size=t.loss_chunk_size,
-                          exact_head=exact_head, packed=d.pack)
+        loss_fn = partial(objectives.preference_loss, objective, reference=reference,
+                          chunk_size=t.loss_chunk_size, exact_head=exact_head, packed=d.pack)
     n_trainable, n_total = models.count_parameters(model)
     # The data stage already batched the first epoch for its report; one count serves both.
     total_steps = t.steps or splits.stats["batching"]["steps_per_epoch"] * (t.epochs or 1)

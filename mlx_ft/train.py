@@ -113,8 +113,8 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
     # from the data stage's report; "step": by the step's own count.
     epoch_divisor = None
     if t.loss_normalization == "epoch":  # a preference objective's loss is a mean over pairs (loss_units)
-        train = splits.stats["train"]
-        per_step = train.get("loss_units", train["supervised_tokens"]) / splits.stats["batching"]["steps_per_epoch"]
+        units = splits.stats["train"].get("loss_units", splits.stats["train"]["supervised_tokens"])
+        per_step = units / splits.stats["batching"]["steps_per_epoch"]
         epoch_divisor = mx.array(per_step, dtype=mx.float32)
 
     stop = _StopSignals()
@@ -165,7 +165,8 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
             last = loop.step == s.total_steps
             if t.eval_every and (loop.step % t.eval_every == 0) or (last and splits.valid):
                 val_metrics: dict = {}
-                val = evaluate_loss(model, s.loss_fn, splits.valid, t, d, rank, world, val_metrics, s.summarize)
+                val = evaluate_loss(model, s.loss_fn, splits.valid, t, d, rank, world, val_metrics,
+                                    s.summarize)
                 if val is not None:
                     improved = loop.best_val_loss is None or val < loop.best_val_loss
                     if improved:

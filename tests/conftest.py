@@ -68,8 +68,8 @@ def kill_then_resume(recipe: Path, run: Path, kill_after: int) -> subprocess.Com
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists(), "the run finished before it was killed"
-    return subprocess.run([sys.executable, "-m", "mlx_ft", "run", str(recipe), "--resume"], capture_output=True,
-                          text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "mlx_ft", "run", str(recipe), "--resume"],
+                          capture_output=True, text=True, env=env)
 
 
 def replayed_and_measured(model, st) -> tuple[int, int]:

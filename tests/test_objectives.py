@@ -59,7 +59,8 @@ def setup(tmp_path_factory, tiny_model_dir):
     model, _, _ = models.load_base(recipe.model)
     mx.random.seed(1)
     cfg = models.apply_adapters(model, recipe.adapter)
-    b = [(k, 0.2 * mx.random.normal(v.shape)) for k, v in tree_flatten(model.trainable_parameters()) if "lora_b" in k]
+    b = [(k, 0.2 * mx.random.normal(v.shape)) for k, v in tree_flatten(model.trainable_parameters())
+         if "lora_b" in k]
     model.load_weights(b, strict=False)
     models.save_adapter(model, tmp / "adapter", cfg, str(Path(tiny_model_dir).resolve()), recipe.model)
     from mlx_ft.export import export_adapter
@@ -70,7 +71,9 @@ def setup(tmp_path_factory, tiny_model_dir):
 
 def loss_and_grads(model, objective, batch, reference=True, chunk=8, packed=False):
     """(loss mean, metrics by name, gradients) of `objective` on a batch, eagerly."""
-    ref = partial(_reference_logps, model, True, chunk, True) if reference and objective.needs_reference else None
+    ref = None
+    if reference and objective.needs_reference:
+        ref = partial(_reference_logps, model, True, chunk, True)
     fn = partial(objectives.preference_loss, objective, reference=ref, chunk_size=chunk, packed=packed)
 
     def mean(m, *arrays):
@@ -110,7 +113,8 @@ def assert_metrics_equal(ours: dict, theirs: dict, names, rel=1e-5):
     about 1e-7 of their size: each metric is held to `rel` of the larger of itself and those sums."""
     scale = max(1.0, abs(ours["logps/chosen"]), abs(ours["logps/rejected"]))
     for name in names:
-        assert ours[name] == pytest.approx(theirs[name], rel=rel, abs=rel * scale), (name, ours[name], theirs[name])
+        assert ours[name] == pytest.approx(theirs[name], rel=rel, abs=rel * scale), \
+            (name, ours[name], theirs[name])
 
 
 def assert_grads_equal(ours: dict, theirs: dict, rel=1e-5):
@@ -148,7 +152,8 @@ def test_dpo_equals_trl(setup, tiny_model_dir, loss_type, smoothing):
     loss, metrics, grads = loss_and_grads(model, objectives.from_config(recipe.training), batch)
 
     trainer = DPOTrainer(model=trl_model(tiny_model_dir, peft_dir), processing_class=tokenizer._tokenizer,
-                         args=trl_args(DPOConfig, tmp, beta=0.5, loss_type=[loss_type], label_smoothing=smoothing or 0),
+                         args=trl_args(DPOConfig, tmp, beta=0.5, loss_type=[loss_type],
+                                       label_smoothing=smoothing or 0),
                          train_dataset=Dataset.from_list(pref_records(4)))
     trainer.model.delete_adapter("ref")  # TRL copies a given adapter as the reference; ours is the base
     for i, e in enumerate(splits.train):  # TRL's own tokenization gives the same tokens
@@ -158,7 +163,8 @@ def test_dpo_equals_trl(setup, tiny_model_dir, loss_type, smoothing):
     theirs = trainer.compute_loss(trainer.model, torch_inputs(batch))
     theirs.backward()
     assert_equal(loss, theirs.item())
-    assert_metrics_equal(metrics, {k: v[-1] for k, v in trainer._metrics["train"].items()}, objectives.REWARDS)
+    theirs_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert_metrics_equal(metrics, theirs_metrics, objectives.REWARDS)
     assert_grads_equal(grads, trl_grads(trainer.model))
 
 
@@ -170,8 +176,8 @@ def test_orpo_and_simpo_equal_trl(setup, tiny_model_dir, objective):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     tmp, model, tokenizer, peft_dir = setup
-    recipe = make_recipe(tmp, tiny_model_dir, objective, pref_records(4), max_seq_len=L,
-                         **({"orpo_lambda": 0.3} if objective == "orpo" else {"beta": 2.0, "simpo_gamma": 0.7}))
+    keys = {"orpo_lambda": 0.3} if objective == "orpo" else {"beta": 2.0, "simpo_gamma": 0.7}
+    recipe = make_recipe(tmp, tiny_model_dir, objective, pref_records(4), max_seq_len=L, **keys)
     splits = data.load_datasets(recipe, tokenizer)
     batch = data.collate(splits.train, [[0], [1], [2], [3]], L, False)
     loss, metrics, grads = loss_and_grads(model, objectives.from_config(recipe.training), batch)
@@ -179,7 +185,8 @@ def test_orpo_and_simpo_equal_trl(setup, tiny_model_dir, objective):
     if objective == "orpo":
         cls, args = ORPOTrainer, trl_args(ORPOConfig, tmp, beta=0.3)
     else:  # SimPO is TRL's CPO with loss_type "simpo" and no behaviour-cloning term
-        cls, args = CPOTrainer, trl_args(CPOConfig, tmp, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.7)
+        cls, args = CPOTrainer, trl_args(CPOConfig, tmp, loss_type="simpo", cpo_alpha=0.0, beta=2.0,
+                                         simpo_gamma=0.7)
     trainer = cls(model=trl_model(tiny_model_dir, peft_dir), args=args, processing_class=tokenizer._tokenizer,
                   train_dataset=Dataset.from_list(pref_records(4)))
     R = batch.tokens.shape[0] // 2
@@ -225,8 +232,8 @@ def test_kto_equals_trl(setup, tiny_model_dir):
     theirs.backward()
     assert_equal(loss, theirs.item())
     assert_metrics_equal(metrics, {k: v[-1] for k, v in trainer._metrics["train"].items()},
-                         ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                          "kl"))
+                         ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                          "logps/rejected", "kl"))
     assert_grads_equal(grads, trl_grads(trainer.model))
 
 
@@ -297,7 +304,8 @@ def test_packed_and_chunked_equal_unpacked_and_whole(setup, tiny_model_dir, obje
     packed_plan = data.epoch_batches(splits.train, 4, 256, True, 0, 0, False)[0]
     assert len(packed_plan) < n  # several examples share a row
     packed = loss_and_grads(model, obj, data.collate(splits.train, packed_plan, 256, True), packed=True)
-    whole = loss_and_grads(model, obj, data.collate(splits.train, [[i] for i in range(n)], 256, False), chunk=0)
+    one_per_row = data.collate(splits.train, [[i] for i in range(n)], 256, False)
+    whole = loss_and_grads(model, obj, one_per_row, chunk=0)
     for other in (packed, whole):
         assert other[0] == pytest.approx(base[0], rel=1e-5)
         assert_metrics_equal(other[1], base[1], base[1])
@@ -320,7 +328,8 @@ def test_precomputed_reference_equals_the_in_step_one(setup, tiny_model_dir):
     assert_metrics_equal(pre[1], live[1], live[1])
 
 
-@pytest.mark.parametrize("kw", [{"objective": "dpo", "reference": "bypass"}, {"objective": "kto", "reference": "bypass"},
+@pytest.mark.parametrize("kw", [{"objective": "dpo", "reference": "bypass"},
+                                {"objective": "kto", "reference": "bypass"},
                                 {"method": "full", "objective": "dpo", "reference": "copy", "seq_len": 63}])
 def test_replayed_preference_step_is_mlx_peak(tiny_model_dir, kw):
     """The planner's traced preference step (two rows per example, the reference pass or copy), run
@@ -364,7 +373,8 @@ def test_plan_counts_two_rows_per_example_and_the_reference_copy(setup, tiny_mod
     precomputed = replace(full, training=replace(full.training, precompute_reference=True))
     with_copy, without = plan(full, machine="m4-max-128"), plan(precomputed, machine="m4-max-128")
     copy = with_copy.estimate.breakdown["reference copy"]
-    assert copy == sum(v.nbytes for k, v in tree_flatten(setup[1].parameters()) if ".layers." in k and "lora" not in k)
+    blocks = [v for k, v in tree_flatten(setup[1].parameters()) if ".layers." in k and "lora" not in k]
+    assert copy == sum(v.nbytes for v in blocks)  # every block is trained: the copy holds them all
     assert "reference copy" not in without.estimate.breakdown
     budget = (with_copy.peak_bytes + without.peak_bytes) / 2 / 2**30
     tight = plan(full, machine="m4-max-128", budget_gb=budget)
@@ -375,8 +385,8 @@ def test_plan_counts_two_rows_per_example_and_the_reference_copy(setup, tiny_mod
     monkeypatch.setattr(plan_module, "get_machine", lambda name, budget_gb=None: real("m4-max-128", budget))
     recipe_file = tmp / "full.toml"
     recipe_file.write_text(f'[model]\npath = "{tiny_model_dir}"\n[adapter]\nmethod = "full"\n[data]\n'
-                           f'train = "{tmp / "prefs.jsonl"}"\nmax_seq_len = {L}\n[training]\nobjective = "dpo"\n'
-                           f'batch_size = 4\n[output]\ndir = "{tmp / "refused"}"\n')
+                           f'train = "{tmp / "prefs.jsonl"}"\nmax_seq_len = {L}\n[training]\n'
+                           f'objective = "dpo"\nbatch_size = 4\n[output]\ndir = "{tmp / "refused"}"\n')
     result = CliRunner().invoke(main, ["run", str(recipe_file)])
     assert result.exit_code == 2, result.output
     assert "DOES NOT FIT" in result.output and "frozen reference copy" in result.output

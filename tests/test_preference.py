@@ -41,8 +41,8 @@ def make_recipe(tmp: Path, model_dir, train_records, valid_records=None, name="r
         "model": {"path": str(model_dir)},
         "adapter": {"rank": 4, "alpha": 8.0},
         "data": {"train": str(write_jsonl(tmp / "train.jsonl", train_records)), "max_seq_len": 64},
-        "training": {"objective": "dpo", "batch_size": 4, "steps": 6, "learning_rate": 1e-3, "report_every": 1,
-                     "lr_schedule": "constant"},
+        "training": {"objective": "dpo", "batch_size": 4, "steps": 6, "learning_rate": 1e-3,
+                     "report_every": 1, "lr_schedule": "constant"},
         "output": {"dir": str(tmp / "run")},
     }
     if valid_records:
@@ -92,8 +92,8 @@ def test_formats_render_as_trl_extracts_and_tokenizes_them(tmp_path, tiny_model_
 def test_data_inspect_marks_the_chosen_and_rejected_completions(tmp_path, tiny_model_dir):
     pairs = colour_pairs(0, 6) + [{**colour_pairs(6, 1)[0], "rejected": colour_pairs(6, 1)[0]["chosen"]}]
     recipe = make_recipe(tmp_path, tiny_model_dir, pairs)
-    with pytest.warns(UserWarning, match=r"1 preference pair\(s\) have the same chosen and rejected completion "
-                                         r"\(the first at .*train.jsonl:7\)"):
+    with pytest.warns(UserWarning, match=r"1 preference pair\(s\) have the same chosen and rejected "
+                                         r"completion \(the first at .*train.jsonl:7\)"):
         result = CliRunner().invoke(main, ["data", "inspect", str(recipe), "--show", "1"])
     assert result.exit_code == 0, result.output
     out = result.output
@@ -112,8 +112,8 @@ def test_data_inspect_marks_the_chosen_and_rejected_completions(tmp_path, tiny_m
     ("kto label", "{p}:1: 'label' must be true (desirable) or false (undesirable), found int 1"),
     ("unpaired for dpo", "{p}:1: an unpaired record (prompt, completion, label); training.objective = 'dpo' "
                          "needs chosen/rejected pairs"),
-    ("pairs for sft", "{p}:1: a preference record (['prompt', 'chosen', 'rejected']), but training.objective is "
-                      "'sft'"),
+    ("pairs for sft", "{p}:1: a preference record (['prompt', 'chosen', 'rejected']), but "
+                      "training.objective is 'sft'"),
     ("no prompt", "{p}:1: 'chosen' and 'rejected' share no first message"),
 ])
 def test_bad_preference_data_is_one_clear_error(tmp_path, tiny_model_dir, case, message):
@@ -134,13 +134,14 @@ def test_bad_preference_data_is_one_clear_error(tmp_path, tiny_model_dir, case, 
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["training.beta=0.2"], "training.beta (from --set): only used with training.objective = 'dpo' or 'kto' or 'simpo', but "
-                            "training.objective is 'sft'"),
+    (["training.beta=0.2"], "training.beta (from --set): only used with training.objective = 'dpo' or "
+                            "'kto' or 'simpo', but training.objective is 'sft'"),
     (["training.objective=dpo", "training.label_smoothing=0.1"],
-     "training.label_smoothing (from --set): only the 'robust' loss uses it (as in TRL), but training.loss_type is 'sigmoid'"),
+     "training.label_smoothing (from --set): only the 'robust' loss uses it (as in TRL), but "
+     "training.loss_type is 'sigmoid'"),
     (["training.objective=orpo", "training.precompute_reference=true"],
-     "training.precompute_reference (from --set): only used with training.objective = 'dpo' or 'kto', but training.objective "
-     "is 'orpo'"),
+     "training.precompute_reference (from --set): only used with training.objective = 'dpo' or 'kto', "
+     "but training.objective is 'orpo'"),
     (["training.objective=dpo", "training.loss_type=robust", "training.label_smoothing=0.5"],
      "training.label_smoothing (from --set): must be in [0, 0.5)"),
 ])
@@ -161,7 +162,8 @@ def test_dpo_learns_a_preference_and_reports_trl_metrics(tmp_path, tiny_model_di
     assert train_rows[0]["rewards/chosen"] == train_rows[0]["rewards/margins"] == 0.0
     acc = [r["eval_rewards/accuracies"] for r in evals]
     assert acc[0] <= 0.75 and acc[-1] >= 0.9, acc
-    assert {"pairs", "trained_pairs", "pairs_per_sec", "rewards/rejected", "logps/chosen"} <= set(train_rows[-1])
+    keys = {"pairs", "trained_pairs", "pairs_per_sec", "rewards/rejected", "logps/chosen"}
+    assert keys <= set(train_rows[-1])
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["trained_pairs"] == 32 and summary["final_metrics"]["rewards/accuracies"] >= 0.9
     svg = ET.parse(result.run_dir / "loss.svg").getroot()  # loss, rewards, accuracy: three charts

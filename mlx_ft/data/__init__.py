@@ -34,7 +34,8 @@ def record_texts(recipe) -> list[str]:
     trained on it."""
     if recipe.training.objective != "sft":
         return [s for name in _dataset._sources(recipe.data)
-                for r in _preference.read_preference_source(name, recipe, "train").records for s in r.strings()]
+                for r in _preference.read_preference_source(name, recipe, "train").records
+                for s in r.strings()]
     return _dataset.record_texts(recipe)
 
 
@@ -61,5 +62,5 @@ def collate(samples, plan: Plan, max_seq_len: int, pack: bool, pad_id: int = 0):
     return _module(samples).collate(samples, plan, max_seq_len, pack, pad_id)
 
 
-__all__ = ["Batch", "Pair", "Plan", "PrefBatch", "Sample", "Splits", "collate", "epoch_batches", "load_datasets",
-           "padding_fraction", "recipe_tokenizer", "record_texts"]
+__all__ = ["Batch", "Pair", "Plan", "PrefBatch", "Sample", "Splits", "collate", "epoch_batches",
+           "load_datasets", "padding_fraction", "recipe_tokenizer", "record_texts"]

@@ -117,7 +117,8 @@ def check_weights(cfg: DataConfig) -> None:
     names = _sources(cfg)
     if cfg.weights is not None:
         if len(cfg.weights) != len(names):
-            raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(names)} train sources; give one per source")
+            raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(names)} train sources; "
+                            "give one per source")
         for i, w in enumerate(cfg.weights):
             if not w > 0:
                 raise DataError(f"data.weights[{i}]: a mixing weight must be > 0, found {w}; "
@@ -138,8 +139,9 @@ def split_valid(sources: list[Source], cfg: DataConfig, seed: int, read_valid) -
             valid_records += [r for i, r in enumerate(src.records) if i in held]
             src.records = [r for i, r in enumerate(src.records) if i not in held]
         if not valid_records:
-            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {sum(len(s.records) for s in sources)} "
-                            "records rounds to 0 validation records; raise it or give data.valid")
+            n = sum(len(s.records) for s in sources)
+            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {n} records rounds to 0 "
+                            "validation records; raise it or give data.valid")
     return valid_records
 
 

@@ -78,9 +78,9 @@ def read_file(path: Path, cfg: DataConfig) -> tuple[str, list[Record]]:
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected a JSON object (a record), found {type(raw).__name__}")
         if ("chosen" in raw and "rejected" in raw) or ("completion" in raw and "label" in raw):
-            raise DataError(f"{where}: a preference record ({_keys(raw)}), but training.objective is 'sft'; set "
-                            "training.objective = 'dpo' (or 'orpo', 'simpo', 'kto') to train on preferences, or "
-                            "keep preference records out of SFT data")
+            raise DataError(f"{where}: a preference record ({_keys(raw)}), but training.objective is "
+                            "'sft'; set training.objective = 'dpo' (or 'orpo', 'simpo', 'kto') to train on "
+                            "preferences, or keep preference records out of SFT data")
         found = detect(raw, cfg) if cfg.format == "auto" else cfg.format
         if found is None:
             raise DataError(f"{where}: cannot tell the record's format from its keys {_keys(raw)}; expected "

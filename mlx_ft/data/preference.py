@@ -118,7 +118,7 @@ class Pair:
 class PrefBatch:
     tokens: np.ndarray  # int32 [2R, W]: rows 0..R-1 the first sequences, R..2R-1 the second
     mask: np.ndarray  # bool [2R, W]: True where the token is a supervised completion target
-    seq: np.ndarray  # int32 [2R, W]: the position's sequence (first of example j: j, second: P + j), -1 padding
+    seq: np.ndarray  # int32 [2R, W]: each position's sequence (example j: j, its second: P + j), -1 padding
     meta: np.ndarray  # float32 [P, 3]: label (1 desirable), reference log-prob of first, of second
     pairs: int
     n_supervised: int
@@ -154,17 +154,18 @@ def read_preference_file(path: Path, objective: str) -> list[PrefRecord]:
         fmt = detect(raw)
         if fmt is None:
             if first_where is not None:
-                raise DataError(f"{where}: this record is not a preference record ({_keys(raw)}) but the file's "
-                                f"earlier records ({first_where}) are; keep SFT and preference records in "
-                                "separate files")
+                raise DataError(f"{where}: this record is not a preference record ({_keys(raw)}) but "
+                                f"the file's earlier records ({first_where}) are; keep SFT and preference "
+                                "records in separate files")
             raise DataError(f"{where}: training.objective is {objective!r}, which needs preference records: "
                             "'chosen' and 'rejected' (and 'prompt'), or 'prompt', 'completion' and 'label' "
-                            f"for KTO; found keys {_keys(raw)}. SFT data trains with training.objective = 'sft'")
+                            f"for KTO; found keys {_keys(raw)}. SFT data trains with training.objective = "
+                            "'sft'")
         paired = fmt != "unpaired"
         if kind is not None and kind != paired:
-            raise DataError(f"{where}: this record is {'a pair' if paired else 'an unpaired KTO example'} but the "
-                            f"file's earlier records ({first_where}) are {'unpaired' if kind else 'pairs'}; "
-                            "keep one kind per file")
+            this, earlier = ("a pair", "unpaired") if paired else ("an unpaired KTO example", "pairs")
+            raise DataError(f"{where}: this record is {this} but the file's earlier records ({first_where}) "
+                            f"are {earlier}; keep one kind per file")
         if not paired and objective != "kto":
             raise DataError(f"{where}: an unpaired record (prompt, completion, label); training.objective = "
                             f"{objective!r} needs chosen/rejected pairs. Unpaired data trains with "
@@ -183,7 +184,8 @@ def normalise(raw: dict, fmt: str, where: str) -> PrefRecord:
         v = raw.get(key)
         if conversational:
             if not isinstance(v, list):
-                raise DataError(f"{where}: a {fmt} record needs {key!r} as a list of messages, found {_short(v)}")
+                raise DataError(f"{where}: a {fmt} record needs {key!r} as a list of messages, found "
+                                f"{_short(v)}")
             return _check_messages(v, where, key)
         if not isinstance(v, str):
             raise DataError(f"{where}: a {fmt} record needs {key!r} as a string, found {_short(v)}")
@@ -198,7 +200,8 @@ def normalise(raw: dict, fmt: str, where: str) -> PrefRecord:
             raise DataError(f"{where}: 'label' must be true (desirable) or false (undesirable), found "
                             f"{_short(label)}")
         conv = isinstance(raw.get("prompt"), list)
-        return PrefRecord(where, fmt, part("prompt", conv), part("completion", conv), label=label, tools=tools)
+        return PrefRecord(where, fmt, part("prompt", conv), part("completion", conv), label=label,
+                          tools=tools)
     if fmt == "implicit prompt":
         conv = isinstance(raw["chosen"], list)
         prompt, chosen, rejected = _split_prompt(part("chosen", conv), part("rejected", conv), where)
@@ -216,8 +219,8 @@ def _split_prompt(chosen, rejected, where: str):
     if isinstance(chosen, str) and 0 < idx < len(chosen) and chosen[idx - 1] == " ":
         idx -= 1
     if idx == 0 and not isinstance(chosen, str):
-        raise DataError(f"{where}: 'chosen' and 'rejected' share no first message, so there is no prompt; give "
-                        "'prompt' explicitly, or start both conversations with the same messages")
+        raise DataError(f"{where}: 'chosen' and 'rejected' share no first message, so there is no prompt; "
+                        "give 'prompt' explicitly, or start both conversations with the same messages")
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
@@ -244,8 +247,8 @@ def render(record: PrefRecord, tokenizer) -> tuple[list[int], list[int], list[in
     conversational = isinstance(record.prompt, list)
     template = getattr(tokenizer, "has_chat_template", True)
     if conversational and not template:
-        raise DataError(f"{record.where}: the tokenizer has no chat template, so conversational records cannot be "
-                        "rendered; use a chat (instruct) model or the standard (string) format")
+        raise DataError(f"{record.where}: the tokenizer has no chat template, so conversational records "
+                        "cannot be rendered; use a chat (instruct) model or the standard (string) format")
     completions = [c for c in (record.chosen, record.rejected) if c is not None]
     if template:
         def messages(part, role):
@@ -261,7 +264,8 @@ def render(record: PrefRecord, tokenizer) -> tuple[list[int], list[int], list[in
     else:  # plain text, TRL's non-conversational path: EOS ends each completion, BOS as the tokenizer adds it
         eos = tokenizer.eos_token or ""
         prompt_ids = list(hf(record.prompt)["input_ids"])
-        fulls = [list(hf(record.prompt + (c if c.endswith(eos) else c + eos))["input_ids"]) for c in completions]
+        fulls = [list(hf(record.prompt + (c if c.endswith(eos) else c + eos))["input_ids"])
+                 for c in completions]
     n = min(_common_prefix(prompt_ids, f) for f in fulls)
     parts = [f[n:] for f in fulls]
     return prompt_ids[:n], parts[0], parts[1] if len(parts) > 1 else None
@@ -279,7 +283,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _render_all(records: list[PrefRecord], tokenizer, cfg: DataConfig, objective: str, source: int):
     """Render, truncate and filter; returns (examples, counts). A KTO example's `second` is filled later."""
     L, out = cfg.max_seq_len, []
-    c = {"records": len(records), "samples": 0, "dropped": 0, "truncated": 0, "identical": 0, "no_supervised": 0}
+    c = {"records": len(records), "samples": 0, "dropped": 0, "truncated": 0, "identical": 0,
+         "no_supervised": 0}
     first_identical = None
     for r in records:
         prompt, a, b = render(r, tokenizer)
@@ -287,9 +292,10 @@ def _render_all(records: list[PrefRecord], tokenizer, cfg: DataConfig, objective
             if cfg.truncation == "drop":
                 c["dropped"] += 1
                 continue
-            raise DataError(f"{r.where}: the prompt alone is {len(prompt)} tokens, which fills data.max_seq_len = {L} "
-                            "and leaves no completion token to compare; raise data.max_seq_len, shorten the "
-                            "prompt, or set data.truncation = 'drop' to leave such records out")
+            raise DataError(f"{r.where}: the prompt alone is {len(prompt)} tokens, which fills "
+                            f"data.max_seq_len = {L} and leaves no completion token to compare; raise "
+                            "data.max_seq_len, shorten the prompt, or set data.truncation = 'drop' to leave "
+                            "such records out")
         room = L - len(prompt)
         long = len(a) > room or (b is not None and len(b) > room)
         if long and cfg.truncation == "drop":
@@ -309,8 +315,9 @@ def _render_all(records: list[PrefRecord], tokenizer, cfg: DataConfig, objective
         else:
             out.append(Pair(prompt, a, b if b is not None else [], r.label, source, r.where))
     if c["identical"]:
-        warnings.warn(f"{c['identical']} preference pair(s) have the same chosen and rejected completion (the first "
-                      f"at {first_identical}); they carry no preference and are left out", stacklevel=3)
+        warnings.warn(f"{c['identical']} preference pair(s) have the same chosen and rejected completion "
+                      f"(the first at {first_identical}); they carry no preference and are left out",
+                      stacklevel=3)
     c["samples"] = len(out)
     return out, c
 
@@ -349,7 +356,8 @@ def load_preference(recipe: Recipe, tokenizer) -> Splits:
         counts.append(c)
     if not any(per_source):
         raise DataError("data.train: no usable preference examples: " + _explain(counts, cfg))
-    mixed = _mix(per_source, cfg.weights, t.seed) if cfg.weights is not None else [e for es in per_source for e in es]
+    mixed = (_mix(per_source, cfg.weights, t.seed) if cfg.weights is not None
+             else [e for es in per_source for e in es])
     group = max(2, t.batch_size)
     if t.objective == "kto":
         mixed = kl_partners(mixed, group, cfg.max_seq_len)
@@ -477,6 +485,6 @@ def report_samples(examples: list[Pair], tokenizer, objective: str, show: int) -
             pieces = [{"supervised": False, "text": tokenizer.decode(e.prompt)},
                       {"supervised": True, "text": tokenizer.decode(completion)}]
             supervised = len(completion) - (not e.prompt)  # the first token is never a target
-            out.append({"index": i, "role": role, "source": e.source, "tokens": len(e.prompt) + len(completion),
-                        "supervised": supervised, "pieces": pieces})
+            out.append({"index": i, "role": role, "source": e.source, "supervised": supervised,
+                        "tokens": len(e.prompt) + len(completion), "pieces": pieces})
     return out

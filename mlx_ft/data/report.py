@@ -73,7 +73,8 @@ def format_report(report: dict, color: bool = False) -> str:
                 f"({100 * report['supervised_fraction']:.1f}%), mean length {tr['mean_len']}, max {tr['max_len']}",
             f"       {report['dropped']} dropped (longer than max_seq_len), {report['truncated']} truncated, "
             f"{report['no_supervised']} without supervised tokens"
-            + (f", {report['identical']} with chosen == rejected (left out)" if "identical" in report else "")]
+            + (f", {report['identical']} with chosen == rejected (left out)" if "identical" in report
+               else "")]
     if "desirable" in tr:
         out.append(f"       {tr['desirable']} desirable, {tr['undesirable']} undesirable")
     v = report["valid"]

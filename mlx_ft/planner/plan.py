@@ -292,8 +292,9 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
         add("model.quantize", {"bits": 4, "group_size": 64}, "QLoRA: model.quantize = { bits = 4, group_size = 64 }",
             replace(st, quant_bits=4, quant_group=64))
     if st.method == "full":
-        add("adapter.method", "lora", "adapter.method = 'lora' instead of full fine-tuning"
-            + (" (the reference is then the base with the adapters off: no copy)" if st.reference == "copy" else ""),
+        no_copy = (" (the reference is then the base with the adapters off: no copy)"
+                   if st.reference == "copy" else "")
+        add("adapter.method", "lora", f"adapter.method = 'lora' instead of full fine-tuning{no_copy}",
             replace(st, method="lora", reference="bypass" if st.reference == "copy" else st.reference))
     if st.reference == "copy":
         add("training.precompute_reference", True, "training.precompute_reference = true (the reference's "
@@ -380,8 +381,8 @@ def _header_lines(p: Plan) -> list[str]:
            if sh.is_moe else "")
     return [
         f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; config: {sh.source})",
-        f"training {objective}{method}, rank {st.rank}, {layers} {sh.layers} blocks, batch {st.batch_size}{rows} x "
-        f"{st.seq_len + 1} tokens"
+        f"training {objective}{method}, rank {st.rank}, {layers} {sh.layers} blocks, "
+        f"batch {st.batch_size}{rows} x {st.seq_len + 1} tokens"
         f"{', packed' if st.pack else ''}, grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
         f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
         f"machine  {m.name} ({m.chip}, {m.memory_bytes / 2**30:.0f} GiB); budget {m.budget_bytes / 2**30:.2f} GiB "

@@ -139,7 +139,9 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
     B, L = st.rows, st.seq_len + 1  # a preference example is two rows
     # A full fine-tune's frozen reference: its own copy of the trained weights, sharing the rest.
     ref_model = models.frozen_copy(model) if st.reference == "copy" else None
-    ref_trained = [v for k, v in tree_flatten(ref_model.parameters()) if k in set(tnames)] if ref_model else []
+    trained_names = set(tnames)
+    ref_trained = ([v for k, v in tree_flatten(ref_model.parameters()) if k in trained_names]
+                   if ref_model else [])
     block_cls = type(model.layers[0])
     plain_call = block_cls.__call__
     pairs: list[tuple] = []  # (surrogate, what it stands for in the forward pass)
@@ -265,13 +267,14 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
 
     counts: list[int] = []
     objective = None if st.objective == "sft" else objectives.Objective(st.objective)
+    batch = [mx.zeros((B, L), mx.int32), mx.ones((B, L), mx.bool_)]
     if objective is None:
-        batch = [mx.zeros((B, L), mx.int32), mx.ones((B, L), mx.bool_)] + ([mx.zeros((B, L), mx.int32)] if st.pack else [])
+        batch += [mx.zeros((B, L), mx.int32)] if st.pack else []
     else:  # data.preference.collate's arrays: one example per row pair, its capacity a multiple of 8
         cap = -(-st.batch_size // 8) * 8
-        seq = mx.broadcast_to((mx.arange(B) % st.batch_size + (mx.arange(B) >= st.batch_size) * cap)[:, None], (B, L))
-        batch = [mx.zeros((B, L), mx.int32), mx.ones((B, L), mx.bool_), mx.array(seq, dtype=mx.int32),
-                 mx.zeros((cap, 3), mx.float32)]
+        rows = mx.arange(B) % st.batch_size + (mx.arange(B) >= st.batch_size) * cap  # [B] each row's sequence
+        batch += [mx.array(mx.broadcast_to(rows[:, None], (B, L)), dtype=mx.int32),
+                  mx.zeros((cap, 3), mx.float32)]
     trained = set(tnames)
     held = {"weights": 0, "quantization overhead": 0, "adapters": 0, "optimizer state": 0, "batch": 0}
     for k, v in params:
