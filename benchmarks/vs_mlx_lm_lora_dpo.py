@@ -148,7 +148,15 @@ def lora_config(sc: Scenario, b: dict, out: Path) -> Path:
 
 
 def mlx_ft_recipe(sc: Scenario, b: dict, out: Path) -> Path:
-    tables = {
+    tables = recipe_tables(sc, b, out)
+    path = out / "mlx_ft.toml"
+    path.write_text("".join(f"[{t}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items())
+                            for t, kv in tables.items()))
+    return path
+
+
+def recipe_tables(sc: Scenario, b: dict, out: Path) -> dict:
+    return {
         "model": {"path": b["model"]},
         "adapter": {"method": "lora", "rank": sc.rank, "alpha": sc.scale * sc.rank, "targets": "all-linear",
                     "dropout": 0.0},
@@ -158,10 +166,6 @@ def mlx_ft_recipe(sc: Scenario, b: dict, out: Path) -> Path:
                      "max_grad_norm": 0.0, "seed": sc.seed, "report_every": 10},
         "output": {"dir": str(out / "mlx_ft_run")},
     }
-    path = out / "mlx_ft.toml"
-    path.write_text("".join(f"[{t}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items())
-                            for t, kv in tables.items()))
-    return path
 
 
 def child(tool: str, config: str) -> None:
@@ -214,12 +218,13 @@ def evaluate(b: dict, adapters: str, sc: Scenario) -> dict:
     from mlx_lm import load
 
     from mlx_ft import data, objectives
-    from mlx_ft.recipe import load_recipe
+    from mlx_ft.recipe import recipe_from_dict
     from mlx_ft.runner import _reference_logps
     from mlx_ft.step import as_arrays
 
-    recipe = load_recipe(mlx_ft_recipe(sc, b, Path(adapters).parent),
-                         {"data.train": str(Path(b["data"]).parent / "heldout.jsonl")})
+    tables = recipe_tables(sc, b, Path(adapters).parent)
+    tables["data"]["train"] = str(Path(b["data"]).parent / "heldout.jsonl")
+    recipe = recipe_from_dict(tables)
     model, tokenizer = load(b["model"], adapter_path=adapters)
     model.eval()
     pairs = data.load_datasets(recipe, tokenizer).train
