@@ -220,7 +220,8 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
             if st.reference in ("bypass", "copy"):
                 with models.adapters_off() if st.reference == "bypass" else contextlib.nullcontext():
                     ref = losses.token_logps(ref_model or model, tokens, packed, st.loss_chunk, grad=False)
-            policy = objectives.policy_logps(objective, policy_logps, tokens, packed, True)
+            policy = objectives.policy_logps(objective, policy_logps, objectives.after(tokens, ref), packed,
+                                             True)
             return [objectives.loss_from_logps(objective, policy, ref, mask, seq, meta)[0]]
 
         def loss(*t):  # losses.loss_sum with the fused chunks as surrogates
