@@ -80,9 +80,9 @@ def scenarios(smoke: bool) -> list[Scenario]:
     base = dict(family="llama", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
                 intermediate_size=768, vocab_size=1024)
     return [
-        Scenario("short", "pairs of ~60-token sequences", base, (8, 20), 256, 32, 256),
-        Scenario("long", "pairs of ~450-token sequences", base, (90, 110), 64, 16, 1024),
-        Scenario("vocab", "vocabulary 131072, ~450-token sequences: logits dominate memory",
+        Scenario("short", "pairs of ~50-token sequences", base, (8, 20), 256, 32, 256),
+        Scenario("long", "pairs of ~220-token sequences", base, (90, 110), 64, 16, 1024),
+        Scenario("vocab", "vocabulary 131072, ~220-token sequences: logits dominate memory",
                  {**base, "extra_config": {"vocab_size": 131072}}, (90, 110), 16, 8, 1024),
     ]
 
