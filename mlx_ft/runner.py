@@ -82,8 +82,9 @@ def train(recipe: Recipe, resume: bool | None = None, overwrite: bool = False,
                         write=primary, unit=p.splits.stats.get("unit", "tokens"))
     reporter.start(recipe, p.n_trainable, p.n_total, p.splits.stats, p.latest)
     if p.world > 1:
-        reporter.echo(f"data parallel: {p.world} processes, global batch {t.batch_size} rows x grad_accum "
-                      f"{t.grad_accum} ({t.batch_size // p.world} rows per process)")
+        rows = {"pairs": "pairs", "examples": "examples"}.get(p.splits.stats.get("unit"), "rows")
+        reporter.echo(f"data parallel: {p.world} processes, global batch {t.batch_size} {rows} x grad_accum "
+                      f"{t.grad_accum} ({t.batch_size // p.world} {rows} per process)")
 
     def save_adapter(where: str) -> None:
         if primary:  # with several processes only rank 0 writes
