@@ -188,6 +188,21 @@ def mlx_ft_recipe(sc: Scenario, b: dict, out: Path, name: str, extra: dict) -> P
     return path
 
 
+def timed_loader(marks: dict):
+    """mlx_lm.utils.load that records in `marks["loaded"]` when it first returned: the tools compared
+    load their base through it, and their time is measured from there."""
+    import mlx_lm.utils
+
+    load = mlx_lm.utils.load
+
+    def timed_load(*a, **k):
+        out = load(*a, **k)
+        marks.setdefault("loaded", time.perf_counter())
+        return out
+
+    return timed_load
+
+
 def child(tool: str, config: str, model_dir: str, valid: str, max_seq_len: int) -> None:
     """Run one tool in this process; print one RESULT json line."""
     import mlx.core as mx
@@ -195,11 +210,7 @@ def child(tool: str, config: str, model_dir: str, valid: str, max_seq_len: int) 
 
     marks = {}
     load = mlx_lm.utils.load
-
-    def timed_load(*a, **k):  # both tools load the base through mlx_lm.utils.load
-        out = load(*a, **k)
-        marks.setdefault("loaded", time.perf_counter())
-        return out
+    timed_load = timed_loader(marks)
 
     if tool == "mlx_lm":
         import mlx_lm.lora
@@ -246,11 +257,16 @@ def _valid_loss(model_dir: str, adapters: str, valid: Path, max_seq_len: int) ->
 def run_child(tool: str, config: Path, b: dict, sc: Scenario) -> dict:
     cmd = [sys.executable, str(HERE), "--child", tool, str(config), b["model"],
            str(Path(b["data"]) / "valid.jsonl"), str(sc.max_seq_len)]
+    return child_result(cmd, f"{tool} on scenario {sc.name}")
+
+
+def child_result(cmd: list[str], what: str) -> dict:
+    """Run a child process; returns the JSON of its last `RESULT ` line."""
     p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
         sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
-        raise SystemExit(f"{tool} failed on scenario {sc.name} (exit {p.returncode})")
+        raise SystemExit(f"{what} failed (exit {p.returncode})")
     return json.loads(lines[-1][7:])
 
 
@@ -289,14 +305,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def ab_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of an A/B benchmark against a peer (this one, vs_mlx_lm_lora_dpo.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="A B rounds per scenario, round i with seed + i")
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--smoke", action="store_true", help="tiny models and data: checks the script, not speed")
     ap.add_argument("--json", help="also write the raw measurements here")
-    ap.add_argument("--seed", type=int, default=0, help="training seed of the first round (data unchanged)")
     ap.add_argument("--workdir", help="keep models, data and runs here (default: a temp dir)")
+    return ap
+
+
+def main() -> None:
+    ap = ab_parser(__doc__)
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the first round (data unchanged)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -344,10 +366,15 @@ def main() -> None:
                                  "loss_ratio": statistics.mean(loss_ratios),
                                  "loss_ratio_range": [min(loss_ratios), max(loss_ratios)], "all": ms}
         results.append(row)
+    publish(table(results), results, args.json)
+
+
+def publish(text: str, results: list[dict], json_path: str | None) -> None:
+    """Print the table; write the raw measurements to `json_path` if given."""
     print()
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

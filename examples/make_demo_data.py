@@ -9,6 +9,7 @@ is drawn from those pairs only. So no review of valid.jsonl appears in train.jso
 another opener: the model has seen "the soup" and "was awful" there, never together, and must
 combine what it learned (tests/test_demo_data.py checks the sets share no review text).
 
+prefs-*.jsonl hold preference pairs on the same task (recipes/demo-dpo.toml).
 Deterministic (seeded); run `python examples/make_demo_data.py` to rewrite examples/data/.
 """
 
@@ -79,13 +80,36 @@ def draw(rng: random.Random, pairs: list, n: int, taken: set[str]) -> list[dict]
     return out
 
 
-def main(out: Path = Path(__file__).parent / "data", n_train: int = 1000, n_valid: int = 100) -> None:
+def preference(rng: random.Random, pairs: list) -> dict:
+    """A preference pair on the same task (TRL's conversational format): the right verdict over a
+    wrong one: the sentiment flipped, the topic wrong, or prose instead of JSON."""
+    msgs = record(rng, pairs)["messages"][:2]
+    answer = json.loads(msgs[1]["content"])
+    kind = rng.random()
+    if kind < 0.5:
+        flipped = "negative" if answer["sentiment"] == "positive" else "positive"
+        wrong = json.dumps({**answer, "sentiment": flipped})
+    elif kind < 0.75:
+        wrong = json.dumps({**answer, "topic": rng.choice(sorted(t for t in TOPICS if t != answer["topic"]))})
+    else:
+        wrong = f"This review is {answer['sentiment']}; it is about the {answer['topic']}."
+    return {"prompt": msgs[:1], "chosen": [msgs[1]], "rejected": [{"role": "assistant", "content": wrong}]}
+
+
+def main(out: Path = Path(__file__).parent / "data", n_train: int = 1000, n_valid: int = 100,
+         n_pairs: int = 240, n_valid_pairs: int = 32) -> None:
     rng = random.Random(0)
     train_pairs, held_pairs = split_pairs(rng)
     taken: set[str] = set()
     splits = {"train": draw(rng, train_pairs, n_train, taken), "valid": draw(rng, held_pairs, n_valid, taken)}
     out.mkdir(parents=True, exist_ok=True)
     for name, records in splits.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # The preference pairs (recipes/demo-dpo.toml, recipes/qwen7b-dpo.toml): their own seed, so the
+    # SFT sets above do not change with them; the validation pairs come from the held-out pairs too.
+    rng = random.Random(1)
+    for name, pairs, n in (("prefs-train", train_pairs, n_pairs), ("prefs-valid", held_pairs, n_valid_pairs)):
+        records = [preference(rng, pairs) for _ in range(n)]
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 

@@ -103,7 +103,7 @@ def validate(recipes, overrides, deep):
                 raise RecipeError(str(path), missing)
             note = ""
             if deep:
-                from .data.dataset import check_records, recipe_tokenizer
+                from .data import check_records, recipe_tokenizer
 
                 note = " (" + check_records(recipe, recipe_tokenizer(recipe)) + ")"
             click.echo(f"{path}: ok{note}")
@@ -446,6 +446,9 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Without a recipe: tokens per row.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, help="Without a recipe: recompute blocks.")
 @click.option("--pack/--no-pack", default=False, help="Without a recipe: packed rows.")
+@click.option("--objective", type=click.Choice(["sft", "dpo", "orpo", "simpo", "kto"]), default="sft",
+              show_default=True, help="Without a recipe: the training objective (preference objectives train "
+              "batch-size examples of two sequences each).")
 @click.option("--tokens", type=int, help="Training tokens per epoch, for the time estimate (default: count the dataset).")
 @click.option("--budget-gb", type=float, help="Override the machine's GPU budget (GiB), e.g. after raising iogpu.wired_limit_mb.")
 @click.option("--probe", is_flag=True, help="Run 2 real steps at a short length here and calibrate the estimate.")
@@ -462,8 +465,9 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
                    "(dense models), else the formula.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, max_seq_len, grad_checkpointing, pack,
-         tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link, memory_model, as_json):
+def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, max_seq_len, grad_checkpointing,
+         pack, objective, tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link,
+         memory_model, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
     A recipe whose data can be read here is planned at the widest batch its run makes (with the
@@ -506,12 +510,14 @@ def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, m
             raise PlanError("--probe needs a RECIPE (it trains 2 real steps on the recipe's model)")
         if layers != "all" and not layers.isdigit():
             raise PlanError(f"--layers: expected a number of blocks or 'all', found {layers!r}")
+        from .planner.settings import reference_kind
         from .recipe import QuantizeConfig
 
         q = QuantizeConfig(mode=quant_mode) if method.startswith("q") else None
         st = Settings(method=method.removeprefix("q"), quant_bits=q and q.bits, quant_group=q.group_size if q else 64,
                       quant_mode=q.mode if q else "affine", rank=rank, layers=None if layers == "all" else int(layers),
-                      batch_size=batch_size, seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing)
+                      batch_size=batch_size, seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing,
+                      objective=objective, reference=reference_kind(objective, method.removeprefix("q")))
         p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given with --tokens" if tokens else
                        "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)

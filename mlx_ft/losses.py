@@ -188,6 +188,91 @@ def loss_sum(model, tokens: mx.array, mask: mx.array, segments: mx.array | None 
     return total, weights.sum()
 
 
+def token_logps(model, tokens: mx.array, segments: mx.array | None = None, chunk_size: int = 512,
+                exact_head: bool = True, grad: bool = True) -> mx.array:
+    """Log-probability of every next token, computed in chunks: what preference losses sum per sequence.
+
+    Like `loss_sum`, the B x L x V logits never exist at once: each chunk of positions is projected,
+    scored and freed. With a frozen head (every adapter method) a chunk also returns, from the same
+    logits, each position's gradient of its log-prob with respect to its hidden state
+    (`_fused_logps`), which the backward pass scales by that position's cotangent.
+
+    Args:
+        tokens: int32 [B, L]; segments: int32 [B, L] packed-sequence ids (-1 padding) or None;
+        chunk_size, exact_head, grad: as for `loss_sum`.
+    Returns:
+        float32 [B, L-1]: log p(tokens[:, t+1] | tokens[:, :t+1]) at every position t.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    seg = segments[:, :-1] if segments is not None else None
+    if not exact_head:
+        if seg is not None:
+            raise ModelError("data.pack: packing needs mlx-lm's standard model layout; set data.pack = false")
+        return -nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+
+    chunk_logps = partial(target_logps, model)
+    h = _hidden(model, inputs, seg)  # [B, L-1, D]
+    n = h.shape[1]
+    step = chunk_positions(chunk_size, h.shape[0], _vocab(model), n)
+    fused = _head_is_frozen(model)
+    if not chunk_size or (step == n and not fused) or (step == n and not grad):
+        return chunk_logps(h, targets)
+    head = _head_module(model)
+    parts = []
+    for s in range(0, n, step):
+        h_c, t_c = h[:, s:s + step], targets[:, s:s + step]
+        if not grad:
+            parts.append(chunk_logps(h_c, t_c))
+        elif fused:
+            parts.append(_fused_logps(chunk_logps, h_c, t_c))
+        else:  # a trainable head: recompute the chunk's logits in the backward pass (see loss_sum)
+            def inner(params, h_c, t_c=t_c):
+                head.update(params)
+                return chunk_logps(h_c, t_c)
+
+            parts.append(mx.checkpoint(inner)(head.trainable_parameters(), h_c))
+    return mx.concatenate(parts, axis=1)
+
+
+def _fused_logps(chunk_logps, h_c: mx.array, t_c: mx.array) -> mx.array:
+    """`chunk_logps(h_c, t_c)` [B, c] whose gradient with respect to h_c is computed in the forward pass.
+
+    Position t's log-prob depends on h_c[:, t] alone, so the vjp with a cotangent of ones gives
+    each position's own gradient J [B, c, D]; the backward pass returns cotangent[..., None] x J.
+    As in `_fused_chunk`, the chunk's logits are used once and freed; J is the size of h_c.
+    """
+
+    @mx.custom_function
+    def scored(h):
+        (logp,), (jac,) = mx.vjp(lambda x: [chunk_logps(x, t_c)], [h], [mx.ones(t_c.shape, dtype=mx.float32)])
+        return logp, jac
+
+    @scored.vjp
+    def scored_vjp(primals, cotangents, outputs):
+        return [(cotangents[0][..., None] * outputs[1]).astype(primals[0].dtype)]
+
+    return scored(h_c)[0]
+
+
+def target_logps(model, h_c: mx.array, t_c: mx.array) -> mx.array:
+    """Log-probs [B, c] of the targets t_c [B, c] from hidden states h_c [B, c, D]; its float32
+    [B, c, V] logits are the only ones alive."""
+    return -nn.losses.cross_entropy(_head(model, h_c).astype(mx.float32), t_c)
+
+
+def sequence_sums(values: mx.array, seq: mx.array, n: int) -> mx.array:
+    """Sum `values` by sequence: out[k] = sum of values[b, t] where seq[b, t] == k.
+
+    Args:
+        values: float32 [B, T]; seq: int32 [B, T], the sequence of each position, -1 for none;
+        n: number of sequences.
+    Returns:
+        float32 [n]
+    """
+    idx = mx.where(seq >= 0, seq, n).reshape(-1)  # positions of no sequence go to a spare slot
+    return mx.zeros((n + 1,), dtype=mx.float32).at[idx].add(values.reshape(-1).astype(mx.float32))[:n]
+
+
 def masked_loss_sum(model, h_c: mx.array, t_c: mx.array, w_c: mx.array) -> mx.array:
     """Sum of the weighted cross-entropies of one chunk of hidden states [B, c, D] against its
     targets and weights [B, c]; its float32 [B, c, V] logits are the only ones alive."""

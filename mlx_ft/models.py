@@ -177,6 +177,54 @@ def apply_adapters(model, cfg: AdapterConfig) -> dict:
     }
 
 
+_BYPASS = {"on": False}
+
+
+@contextlib.contextmanager
+def adapters_off():
+    """Inside this block every LoRA/DoRA layer computes its base layer alone: the model is the
+    reference model of preference tuning, without a second copy of its weights.
+
+    mlx-lm's adapter layers keep the base as `self.linear`; their `__call__` is wrapped once per
+    class (for the rest of the process) to call it when the switch is on. Used while tracing a
+    compiled step, the switch decides which graph is built, so a step can hold both passes."""
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+    for cls in (LoRALinear, LoRASwitchLinear, DoRALinear):
+        if not getattr(cls, "_mlxft_bypass", False):
+            original = cls.__call__
+
+            def call(self, *args, _original=original, **kwargs):
+                if _BYPASS["on"]:
+                    return self.linear(*args, **kwargs)
+                return _original(self, *args, **kwargs)
+
+            cls.__call__ = call
+            cls._mlxft_bypass = True
+    before, _BYPASS["on"] = _BYPASS["on"], True
+    try:
+        yield
+    finally:
+        _BYPASS["on"] = before
+
+
+def frozen_copy(model):
+    """A second, frozen model of the same class holding the same weight arrays: the reference of a
+    full fine-tune. It costs no memory until training replaces the trained weights, whose original
+    arrays it then keeps (only the adapted blocks' weights; frozen ones stay shared)."""
+    import copy
+
+    from mlx.utils import tree_flatten
+
+    # A new instance's own initial weights are lazy and replaced before anything evaluates them.
+    ref = type(model)(model.args) if hasattr(model, "args") else copy.deepcopy(model)
+    ref.load_weights(tree_flatten(model.parameters()), strict=False)
+    ref.freeze()
+    ref.eval()
+    return ref
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; quantized weights count as their logical size."""
     from mlx.utils import tree_flatten

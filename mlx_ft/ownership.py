@@ -29,12 +29,14 @@ from .errors import MlxFtWarning, StorageError
 MARKER = ".mlx_ft"
 LOCK = ".mlx_ft.lock"
 RESOLVED = "recipe.resolved.toml"
+REFERENCE_FILE = "reference-logps.npz"  # training.precompute_reference's log-probs
 # The entries of a run directory that mlx_ft writes (and so may remove on --overwrite).
 RUN_ENTRIES = ("adapters", "adapters-best", "checkpoints", "export", "metrics.jsonl", "summary.json",
                "loss.svg", RESOLVED,
                # `mlxft eval` and the [eval] table; the trackers of output.report_to that write in the run
                "eval.json", "eval_samples.jsonl", "eval-base.json", "eval-base_samples.jsonl",
-               "tensorboard", "wandb", "mlflow.db", "mlartifacts")
+               "tensorboard", "wandb", "mlflow.db", "mlartifacts",
+               REFERENCE_FILE)
 
 
 def mark(where: Path, kind: str) -> None:

@@ -31,12 +31,22 @@ def probe_recipe(recipe, seq_len: int, work: Path):
     rng = random.Random(0)
     rows = max(recipe.training.batch_size * recipe.training.grad_accum * 2, 2)
     data = work / "probe.jsonl"
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(n))
+
+    pairs = recipe.training.objective != "sft"  # both sequences of a pair fill seq_len after the prompt
     with data.open("w") as f:
         for _ in range(rows):  # ~2 words per token budget: every row is truncated to seq_len
-            f.write(json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(seq_len * 2))}) + "\n")
+            record = {"text": words(seq_len * 2)}
+            if pairs:
+                record = {"prompt": words(seq_len // 8), "chosen": words(seq_len * 2),
+                          "rejected": words(seq_len * 2)}
+            f.write(json.dumps(record) + "\n")
     doc = recipe.to_dict()
+    fmt = {"format": "auto", "train_on": "assistant"} if pairs else {"format": "text", "train_on": "all"}
     doc["data"] = {**doc["data"], "train": str(data), "valid": None, "valid_fraction": 0.0, "weights": None,
-                   "format": "text", "train_on": "all", "max_seq_len": seq_len, "truncation": "truncate"}
+                   **fmt, "max_seq_len": seq_len, "truncation": "truncate"}
     doc["training"] = {**doc["training"], "steps": 2, "epochs": None, "eval_every": None, "save_every": None,
                        "early_stopping_patience": None, "resume": "never", "report_every": 1}
     doc["output"] = {"dir": str(work / "run")}

@@ -190,6 +190,35 @@ class TrainingConfig:
     """Checkpoints kept besides the best one; older ones are deleted."""
     resume: Literal["never", "auto"] = "never"
     """`auto` continues from the newest complete checkpoint in `output.dir` if there is one."""
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = "sft"
+    """What the loss optimises. `sft`: next-token cross-entropy on the supervised tokens.
+    Preference tuning on TRL's preference formats (docs/preference.md): `dpo` (chosen over
+    rejected, against a reference model: the base with adapters off, or a frozen copy for
+    `full`), `orpo` (odds ratio plus the chosen sequence's NLL, no reference), `simpo`
+    (length-normalised margin, no reference), `kto` (desirable/undesirable examples, paired or
+    not, against a reference)."""
+    beta: Optional[float] = None
+    """dpo, kto, simpo: the inverse temperature of the implicit reward beta x log-ratio. Default
+    0.1 for dpo and kto (TRL's), 2.0 for simpo (the SimPO paper's)."""
+    loss_type: Optional[Literal["sigmoid", "ipo", "hinge", "robust"]] = None
+    """dpo: `sigmoid` (the DPO paper, default), `ipo` (squared, on per-token log-ratios as TRL
+    computes it), `hinge` (SLiC), `robust` (rDPO: unbiased when a share `label_smoothing` of the
+    labels is flipped)."""
+    label_smoothing: Optional[float] = None
+    """dpo with loss_type 'robust': the probability that a pair's preference is flipped, in [0, 0.5)."""
+    orpo_lambda: Optional[float] = None
+    """orpo: weight of the odds-ratio term beside the chosen sequence's NLL (the paper's lambda,
+    TRL's `beta`). Default 0.1."""
+    simpo_gamma: Optional[float] = None
+    """simpo: the target reward margin gamma (TRL's `simpo_gamma`). Default 0.5."""
+    desirable_weight: Optional[float] = None
+    """kto: weight of the desirable examples' losses. Default 1.0."""
+    undesirable_weight: Optional[float] = None
+    """kto: weight of the undesirable examples' losses. Default 1.0."""
+    precompute_reference: bool = False
+    """dpo, kto: compute the reference model's log-probs of every example once before training
+    (kept in the run directory), so each step runs the policy only; a full fine-tune then needs
+    no frozen copy of the model either."""
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -637,6 +666,7 @@ def _check(r: Recipe) -> list[str]:
         p.append("training.early_stopping_patience: needs validation data; set data.valid or data.valid_fraction")
     if t.early_stopping_patience is not None and t.eval_every is None:
         p.append("training.early_stopping_patience: needs training.eval_every to compare validation losses during the run")
+    p += _objective_problems(r)
     if t.optimizer != "adamw" and t.weight_decay > 0:
         p.append(f"training.weight_decay: only applies to optimizer 'adamw', but optimizer is {t.optimizer!r}")
     need(bool(r.output.dir.strip()), "output.dir: must not be empty")
@@ -651,6 +681,50 @@ def _check(r: Recipe) -> list[str]:
     if e.at_end and e.data is None and not has_valid:
         p.append("eval.at_end: there is nothing to evaluate on; set eval.data, data.valid or "
                  "data.valid_fraction")
+    return p
+
+
+# The objectives each preference key belongs to (None: the key is unset).
+OBJECTIVE_KEYS = {"beta": ("dpo", "kto", "simpo"), "loss_type": ("dpo",), "label_smoothing": ("dpo",),
+                  "orpo_lambda": ("orpo",), "simpo_gamma": ("simpo",), "desirable_weight": ("kto",),
+                  "undesirable_weight": ("kto",), "precompute_reference": ("dpo", "kto")}
+
+
+def _objective_problems(r: Recipe) -> list[str]:
+    """The preference keys against `training.objective` and against each other."""
+    t, d, p = r.training, r.data, []
+    for key, users in OBJECTIVE_KEYS.items():
+        value = getattr(t, key)
+        if value not in (None, False) and t.objective not in users:
+            names = " or ".join(repr(u) for u in users)
+            p.append(f"training.{key}: only used with training.objective = {names}, but training.objective "
+                     f"is {t.objective!r}; remove training.{key} or change the objective")
+    if t.beta is not None and not t.beta > 0:
+        p.append(f"training.beta: must be > 0, found {t.beta}")
+    if t.label_smoothing is not None and t.objective == "dpo":
+        if (t.loss_type or "sigmoid") != "robust":
+            p.append(f"training.label_smoothing: only the 'robust' loss uses it (as in TRL), but "
+                     f"training.loss_type is {t.loss_type or 'sigmoid'!r}; set training.loss_type = 'robust' "
+                     "or remove label_smoothing")
+        elif not 0 <= t.label_smoothing < 0.5:
+            p.append(f"training.label_smoothing: must be in [0, 0.5) (the share of flipped labels), "
+                     f"found {t.label_smoothing}")
+    for key in ("orpo_lambda", "simpo_gamma"):
+        v = getattr(t, key)
+        if v is not None and v < 0:
+            p.append(f"training.{key}: must be >= 0, found {v}")
+    for key in ("desirable_weight", "undesirable_weight"):
+        v = getattr(t, key)
+        if v is not None and not v > 0:
+            p.append(f"training.{key}: must be > 0, found {v}")
+    if t.objective != "sft":
+        if d.format != "auto":
+            p.append(f"data.format: preference records are detected per record (TRL's formats), but "
+                     f"data.format is {d.format!r} and training.objective is {t.objective!r}; set "
+                     "data.format = 'auto'")
+        if d.train_on != "assistant":
+            p.append(f"data.train_on: with training.objective = {t.objective!r} the completions are "
+                     f"supervised, so train_on {d.train_on!r} has no effect; remove data.train_on")
     return p
 
 

@@ -77,13 +77,16 @@ class Reporter:
     """Progress bar or lines, metrics.jsonl, summary.json and loss.svg of a run; calls the callbacks."""
 
     def __init__(self, run: Path, total_steps: int, loop: LoopState, callbacks, progress: bool, resumed: bool,
-                 write: bool = True):
+                 write: bool = True, unit: str = "tokens"):
         self.run, self.total, self.loop, self.callbacks = run, total_steps, loop, list(callbacks)
+        # What the loss is a mean over: supervised tokens, or a preference objective's pairs/examples;
+        # it names the count keys of metrics.jsonl and summary.json (`tokens`, `pairs_per_sec`, ...).
+        self.unit = unit
         self.progress, self.resumed, self.write = progress, resumed, write
         self.metrics = None
         self.t0 = time.perf_counter()
         self.base_elapsed = loop.elapsed
-        self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": self.t0}
+        self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": self.t0, "metrics": {}}
         self.rows: list[dict] = []
         self.bar = None
         self.report_every = 10
@@ -136,7 +139,11 @@ class Reporter:
         if self.metrics is not None:
             append_line(self.metrics, json.dumps(row) + "\n", self.run / "metrics.jsonl")
 
-    def step(self, loss: float, n_tok: int, lr: float, grad_norm: float) -> None:
+    def _units(self, key: str) -> str:
+        return key.replace("tokens", self.unit)
+
+    def step(self, loss: float, n_tok: int, lr: float, grad_norm: float, metrics: dict | None = None) -> None:
+        """One optimizer step: its loss, its tokens (or pairs), and the objective's metrics by name."""
         import mlx.core as mx
 
         self.loop.elapsed = self.elapsed()
@@ -144,6 +151,9 @@ class Reporter:
         w["loss"] += loss
         w["tokens"] += n_tok
         w["steps"] += 1
+        for name, value in (metrics or {}).items():  # averaged over the report window, as the loss
+            total, n = w["metrics"].get(name, (0.0, 0))
+            w["metrics"][name] = (total + value, n + 1)
         peak = mx.get_peak_memory()
         if self.bar is not None:
             self.bar.update(1)
@@ -154,37 +164,48 @@ class Reporter:
             row = {
                 "step": self.loop.step, "epoch": self.loop.epoch, "loss": w["loss"] / w["steps"],
                 "last_loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
-                "tokens": w["tokens"], "trained_tokens": self.loop.trained_tokens,
-                "tokens_per_sec": w["tokens"] / max(now - w["t"], 1e-9), "peak_memory_bytes": peak,
+                self._units("tokens"): w["tokens"], self._units("trained_tokens"): self.loop.trained_tokens,
+                self._units("tokens_per_sec"): w["tokens"] / max(now - w["t"], 1e-9),
+                "peak_memory_bytes": peak,
                 "elapsed": self.loop.elapsed,
+                **{name: total / n for name, (total, n) in w["metrics"].items()},
             }
+            rate = row[self._units("tokens_per_sec")]
             self._write(row)
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}",
-                                     tok_s=f"{row['tokens_per_sec']:.0f}", tok=self.loop.trained_tokens,
+                shown = {_SHORT[k]: f"{row[k]:.3f}" for k in _SHORT if k in row}
+                self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", **shown,
+                                     tok_s=f"{rate:.0f}", tok=self.loop.trained_tokens,
                                      peak=f"{peak / 2**20:.0f}MB")
             if self.progress and not self.live:
                 per_step = (self.loop.elapsed - self.base_elapsed) / max(self.loop.step - self.first_step, 1)
                 eta = (self.total - self.loop.step) * per_step
-                print(f"step {self.loop.step}/{self.total}  loss {row['loss']:.4f}  lr {lr:.2e}  "
-                      f"tok/s {row['tokens_per_sec']:.0f}  trained {self.loop.trained_tokens:,}  "
+                shown = "".join(f"{k} {row[k]:.3f}  " for k in _SHORT if k in row)
+                unit, digits = ("tok", 0) if self.unit == "tokens" else (self.unit, 2)
+                print(f"step {self.loop.step}/{self.total}  loss {row['loss']:.4f}  {shown}lr {lr:.2e}  "
+                      f"{unit}/s {rate:.{digits}f}  trained {self.loop.trained_tokens:,}  "
                       f"peak {peak / 2**20:.0f} MB  eta {_duration(eta)}", flush=True)
             for cb in self.callbacks:
                 cb.on_train_report(row)
-            self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": now}
+            self.window = {"loss": 0.0, "tokens": 0, "steps": 0, "t": now, "metrics": {}}
 
-    def initial_eval(self, val_loss: float) -> None:
-        """The validation loss before the first update (never a "best": nothing was trained)."""
-        row = {"step": 0, "val_loss": val_loss, "best": False}
+    def initial_eval(self, val_loss: float, metrics: dict | None = None) -> None:
+        """The validation loss (and objective's metrics) before the first update (never a "best":
+        nothing was trained)."""
+        row = {"step": 0, "val_loss": val_loss, "best": False, **{f"eval_{k}": v for k, v in (metrics or {}).items()}}
         self._write(row)
-        self.echo(f"step 0: val loss {val_loss:.4f} (before training)")
+        shown = "".join(f", {k} {row[f'eval_{k}']:.3f}" for k in _SHORT if f"eval_{k}" in row)
+        self.echo(f"step 0: val loss {val_loss:.4f}{shown} (before training)")
         for cb in self.callbacks:
             cb.on_eval(row)
 
-    def eval(self, val_loss: float, improved: bool) -> None:
-        row = {"step": self.loop.step, "val_loss": val_loss, "best": improved}
+    def eval(self, val_loss: float, improved: bool, metrics: dict | None = None) -> None:
+        """A validation pass: its loss and the objective's metrics (written as TRL does, `eval_<name>`)."""
+        metrics = {f"eval_{k}": v for k, v in (metrics or {}).items()}
+        row = {"step": self.loop.step, "val_loss": val_loss, "best": improved, **metrics}
         self._write(row)
-        self.echo(f"step {self.loop.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        shown = "".join(f", {k} {row[f'eval_{k}']:.3f}" for k in _SHORT if f"eval_{k}" in row)
+        self.echo(f"step {self.loop.step}: val loss {val_loss:.4f}{shown}" + (" (best)" if improved else ""))
         for cb in self.callbacks:
             cb.on_eval(row)
 
@@ -212,9 +233,11 @@ class Reporter:
             "final_val_loss": evals[-1]["val_loss"] if evals else None,
             "best_val_loss": self.loop.best_val_loss,
             "best_step": self.loop.best_step,
-            "trained_tokens": self.loop.trained_tokens,
+            self._units("trained_tokens"): self.loop.trained_tokens,
             "wall_time_sec": wall,
-            "tokens_per_sec": self.loop.trained_tokens / max(wall, 1e-9),
+            self._units("tokens_per_sec"): self.loop.trained_tokens / max(wall, 1e-9),
+            **({"final_metrics": {k: v for k, v in train_rows[-1].items() if "/" in k or k in _EXTRA}}
+               if train_rows and self.unit != "tokens" else {}),
             "peak_memory_bytes": int(peak_memory),
             "trainable_parameters": n_trainable,
             "total_parameters": n_total,
@@ -229,7 +252,7 @@ class Reporter:
         self.plot()
         for cb in self.callbacks:
             cb.on_end(summary)
-        print(final_line(summary, evals[-1]["step"] if evals else None, wall), flush=True)
+        print(final_line(summary, evals[-1]["step"] if evals else None, wall, self.unit), flush=True)
         return summary
 
     def plot(self) -> Path:
@@ -240,10 +263,17 @@ class Reporter:
         positive, so late small improvements stay visible."""
         tr = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         va = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
-        return write_text(self.run / "loss.svg", loss_svg(self.run.name, {"train": tr, "validation": va}))
+        text = loss_svg(self.run.name, {"train": tr, "validation": va})
+        panels = [(label, {name: [(r["step"], r[key]) for r in self.rows if key in r]
+                           for name, key in series}) for label, series in _PANELS]
+        panels = [(label, series) for label, series in panels if any(series.values())]
+        if panels:  # a preference objective: its rewards and accuracy under the loss
+            text = stacked_svg([text] + [loss_svg(self.run.name, series, ylabel=label, log=False)
+                                         for label, series in panels])
+        return write_text(self.run / "loss.svg", text)
 
 
-def final_line(s: dict, val_step: int | None, wall: float) -> str:
+def final_line(s: dict, val_step: int | None, wall: float, unit: str = "tokens") -> str:
     """The last line of a run: each loss figure named for what it is, validation before and after."""
     parts = [f"done: {s['steps']} steps"]
     if s["final_window_loss"] is not None:
@@ -255,20 +285,43 @@ def final_line(s: dict, val_step: int | None, wall: float) -> str:
         before = f"{s['initial_val_loss']:.4f} at step 0 -> " if s["initial_val_loss"] is not None else ""
         best = f" (best {s['best_val_loss']:.4f} at step {s['best_step']})" if s["best_step"] else ""
         parts.append(f"val loss {before}{s['final_val_loss']:.4f} at step {val_step}{best}")
-    parts.append(f"{s['trained_tokens']:,} tokens trained in {_duration(wall)} "
-                 f"({s['tokens_per_sec']:.0f} tok/s)")
+    rate, short = s[f"{unit}_per_sec"], "tok" if unit == "tokens" else unit
+    parts.append(f"{s[f'trained_{unit}']:,} {unit} trained in {_duration(wall)} "
+                 f"({rate:.{0 if unit == 'tokens' else 2}f} {short}/s)")
     parts.append(f"adapter: {s['adapter_dir']}")
     return "; ".join(parts)
 
 
-def loss_svg(title: str, series: dict[str, list[tuple[float, float]]], width: int = 640, height: int = 360) -> str:
-    """A line chart of (step, loss) series as an SVG document (first series a line, the others
-    lines with dots); log-scaled y when all values are positive."""
+# Metrics shown in the progress line, by their TRL names, and their short names on a live bar.
+_SHORT = {"rewards/accuracies": "acc", "rewards/margins": "margin", "kl": "kl"}
+_EXTRA = ("nll_loss", "log_odds_ratio", "log_odds_chosen", "kl")
+# Panels under the loss in loss.svg for a preference objective: (y label, [(series, metrics key)]).
+_PANELS = [("reward", [("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
+                       ("rewards/margins", "rewards/margins")]),
+           ("reward accuracy", [("train", "rewards/accuracies"), ("validation", "eval_rewards/accuracies")])]
+
+
+def stacked_svg(charts: list[str]) -> str:
+    """SVG documents of the same width, one under the other, as one document."""
+    import re
+
+    heights = [int(re.search(r'height="(\d+)"', c)[1]) for c in charts]
+    width = re.search(r'width="(\d+)"', charts[0])[1]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{sum(heights)}">']
+    for c, y in zip(charts, [sum(heights[:i]) for i in range(len(heights))]):
+        parts.append(c.replace("<svg ", f'<svg y="{y}" ', 1).strip())
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def loss_svg(title: str, series: dict[str, list[tuple[float, float]]], width: int = 640, height: int = 360,
+             ylabel: str = "loss", log: bool | None = None) -> str:
+    """A line chart of (step, value) series as an SVG document (first series a line, the others
+    lines with dots); log-scaled y when all values are positive (unless `log` says otherwise)."""
     pts = [p for ps in series.values() for p in ps if math.isfinite(p[1])]
     left, right, top, bottom = 60, 20, 30, 40
     w, h = width - left - right, height - top - bottom
     xs, ys = [p[0] for p in pts] or [0, 1], [p[1] for p in pts] or [0, 1]
-    log = min(ys) > 0
+    log = min(ys) > 0 if log is None else log and min(ys) > 0
     f = math.log10 if log else (lambda v: v)
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
     y0, y1 = f(min(ys)), f(max(ys))
@@ -296,7 +349,7 @@ def loss_svg(title: str, series: dict[str, list[tuple[float, float]]], width: in
             parts.append(f'<text x="{X(v):.1f}" y="{top + h + 15}" text-anchor="middle">{int(v)}</text>')
     parts.append(f'<text x="{left + w / 2}" y="{height - 6}" text-anchor="middle">step</text>'
                  f'<text x="14" y="{top + h / 2}" text-anchor="middle" transform="rotate(-90 14 {top + h / 2})">'
-                 f'loss{" (log scale)" if log else ""}</text>')
+                 f'{html.escape(ylabel)}{" (log scale)" if log else ""}</text>')
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c"]
     for k, (name, ps) in enumerate((n, [p for p in ps if math.isfinite(p[1])]) for n, ps in series.items()):
         if not ps:

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .atomic import check_writable, clean_leftovers, is_write_failure, storage_error, write_text
 from .errors import CheckpointError, MlxFtError, MlxFtWarning, PlanError, StorageError, TrainingError
-from .ownership import LOCK, MARKER, RESOLVED, RunLock, check_not_in_use, clear_run_dir, kind_of, mark
+from .ownership import LOCK, MARKER, REFERENCE_FILE, RESOLVED, RunLock, check_not_in_use, clear_run_dir, kind_of, mark
 from .recipe import Recipe, resolved_toml
 from .report import Callback
 
@@ -113,11 +113,12 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
         write_text(run / RESOLVED, resolved_toml(recipe))
     trackers = trackers_for(recipe, run) if primary else []  # output.report_to
     reporter = Reporter(run, p.total_steps, p.loop, [*callbacks, *trackers], progress and primary,
-                        resumed=p.latest is not None, write=primary)
+                        resumed=p.latest is not None, write=primary, unit=p.splits.stats.get("unit", "tokens"))
     reporter.start(recipe, p.n_trainable, p.n_total, p.splits.stats, p.latest)
     if p.world > 1:
-        reporter.echo(f"data parallel: {p.world} processes, global batch {t.batch_size} rows x grad_accum "
-                      f"{t.grad_accum} ({t.batch_size // p.world} rows per process)")
+        rows = {"pairs": "pairs", "examples": "examples"}.get(p.splits.stats.get("unit"), "rows")
+        reporter.echo(f"data parallel: {p.world} processes, global batch {t.batch_size} {rows} x grad_accum "
+                      f"{t.grad_accum} ({t.batch_size // p.world} {rows} per process)")
 
     def save_adapter(where: str) -> None:
         if primary:  # with several processes only rank 0 writes
@@ -135,11 +136,14 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
         # The validation loss before any update, so "how much did it learn" needs no arithmetic. Here
         # and not in the loop: it trains nothing, and a resumed run has it in its checkpoint already.
         if t.eval_at_start and p.loop.step == 0 and p.splits.valid:
-            val = evaluate_loss(p.model, p.loss_fn, p.splits.valid, t, recipe.data, p.rank, p.world)
+            metrics: dict = {}
+            val = evaluate_loss(p.model, p.loss_fn, p.splits.valid, t, recipe.data, p.rank, p.world, metrics,
+                                p.objective.summarize if p.objective else None)
             p.loop.extra["initial_val_loss"] = val
-            reporter.initial_eval(val)
+            reporter.initial_eval(val, metrics)
         session = Session(p.model, p.optimizer, p.loss_fn, p.splits, p.loop, p.total_steps, reporter,
-                          save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world)
+                          save_checkpoint, partial(save_adapter, "adapters-best"), p.rank, p.world,
+                          p.objective.summarize if p.objective else None, p.frozen)
         step_losses = train_loop(session, t, recipe.data)
     except BaseException:
         close_all(trackers, failed=True)  # a failed run ends its tracker runs as failed
@@ -231,13 +235,15 @@ class _Prepared:
     planned: dict | None
     lock: RunLock | None = None  # held by rank 0 for the whole run
     finished: dict | None = None  # summary.json of a finished run there is nothing more to train for
+    objective: object = None  # objectives.Objective of a preference run, None for SFT
+    frozen: tuple = ()  # the frozen reference copy of a full fine-tune, which the step reads
 
 
 def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -> _Prepared:
     """Processes, the plan, run directory, model, data, adapters, optimizer, and the checkpoint to resume."""
     import mlx.core as mx
 
-    from . import data, losses, models
+    from . import data, losses, models, objectives
     from .hub import check_local_model
     from .step import build_optimizer
 
@@ -275,6 +281,21 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     if t.grad_checkpointing:
         losses.enable_grad_checkpointing(model)
     loss_fn = partial(losses.loss_sum, chunk_size=t.loss_chunk_size, exact_head=exact_head)
+    objective, frozen, precompute = objectives.from_config(t), (), None
+    if objective is not None:
+        reference = None
+        if objective.needs_reference:
+            # the same model with its adapters bypassed, or for `full` a frozen copy of the base (made
+            # before a checkpoint's weights are loaded into the policy)
+            full = recipe.adapter.method == "full"
+            base = models.frozen_copy(model) if full else model
+            reference = partial(_reference_logps, base, not full, t.loss_chunk_size, exact_head)
+            if t.precompute_reference:  # once the run directory is claimed, before a checkpoint loads
+                precompute, reference = reference, None
+            elif full:
+                frozen = (base,)
+        loss_fn = partial(objectives.preference_loss, objective, reference=reference,
+                          chunk_size=t.loss_chunk_size, exact_head=exact_head, packed=d.pack)
     n_trainable, n_total = models.count_parameters(model)
     # The data stage already batched the first epoch for its report; one count serves both.
     total_steps = t.steps or splits.stats["batching"]["steps_per_epoch"] * (t.epochs or 1)
@@ -287,6 +308,8 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     try:
         finished = _finished_run(run, meta, total_steps, splits) if resume else None
         latest, loop = None, ckpt.LoopState()
+        if precompute is not None and finished is None:
+            _precompute(run, splits, precompute, recipe, rank == 0)
         if finished is None and resume:
             latest, loop = _resume_from(run, meta, model, optimizer, total_steps, echo, splits)
     except BaseException:
@@ -294,7 +317,64 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
             lock.release()
         raise
     return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, loss_fn, optimizer,
-                     total_steps, meta, loop, latest, n_trainable, n_total, planned, lock, finished)
+                     total_steps, meta, loop, latest, n_trainable, n_total, planned, lock, finished, objective,
+                     frozen)
+
+
+def _reference_logps(model, bypass: bool, chunk_size: int, exact_head: bool, tokens, segments):
+    """Per-token log-probs of the reference model: `model` with its adapters bypassed, or a frozen copy."""
+    import contextlib
+
+    from . import losses, models
+
+    with models.adapters_off() if bypass else contextlib.nullcontext():
+        return losses.token_logps(model, tokens, segments, chunk_size, exact_head, grad=False)
+
+
+def _precompute(run: Path, splits, reference, recipe: Recipe, primary: bool) -> None:
+    """`training.precompute_reference`: the reference log-probs of both sequences of every example,
+    computed once (before any checkpoint is loaded, so from the reference weights) and kept in the
+    run directory, keyed by the data, for a resumed run to read."""
+    import mlx.core as mx
+    import numpy as np
+
+    from . import data, losses
+    from .atomic import atomic_file
+    from .step import as_arrays
+
+    from .data.preference import fingerprint
+
+    key = splits.fingerprint + (fingerprint(splits.valid) if splits.valid else "")
+    path = run / REFERENCE_FILE
+    try:
+        saved = np.load(path)
+        found = saved["key"].item() == key and {"train", "valid"} >= set(saved.files) - {"key"}
+    except (OSError, ValueError, KeyError):
+        found = False
+    values = {}
+    for name, examples in (("train", splits.train), ("valid", splits.valid)):
+        if not examples:
+            continue
+        if found and name in saved.files and len(saved[name]) == len(examples):
+            values[name] = saved[name]
+        else:
+            d, t = recipe.data, recipe.training
+            values[name] = np.zeros((len(examples), 2), dtype=np.float32)
+            for plan in data.epoch_batches(examples, t.batch_size, d.max_seq_len, False, t.seed, 0, False):
+                tokens, mask, seq, meta = as_arrays(data.collate(examples, plan, d.max_seq_len, False))
+                cap = meta.shape[0]
+                sums = losses.sequence_sums(reference(tokens, None) * mask[:, 1:], seq[:, 1:], 2 * cap)
+                mx.eval(sums)  # sync point: one per batch of this pass
+                order = [i for row in plan for i in row]
+                values[name][order] = np.stack([np.array(sums[:len(order)]),
+                                                np.array(sums[cap:cap + len(order)])], axis=1)
+        for e, (a, b) in zip(examples, values[name].tolist()):
+            e.ref = (a, b)
+    if primary and not found:
+        run.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), **values)
 
 
 def plan_first(recipe: Recipe, world: int, force: bool, echo, samples=None) -> dict | None:

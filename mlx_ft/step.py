@@ -5,7 +5,7 @@ with its schedule, the update (divide the summed gradients, clip, apply) and the
 micro-step; they live here, below both, so the planner never imports the loop.
 
     micro_step, update, state = compile_step(model, optimizer, loss_fn, max_grad_norm)
-    loss_sum, n_tok, grads = micro_step(*as_arrays(batch))    # per micro-batch; grads summed
+    loss_sum, n_tok, grads, *metrics = micro_step(*as_arrays(batch))  # per micro-batch; grads summed
     norm = update(grads, divisor)                             # once per optimizer step
     mx.eval(state, ...)
 """
@@ -59,26 +59,28 @@ def apply_update(model, optimizer, grads, divisor, max_grad_norm: float):
     return norm
 
 
-def compile_step(model, optimizer, loss_fn, max_grad_norm: float):
-    """The compiled micro-step and update over [model.state, optimizer.state, mx.random.state].
+def compile_step(model, optimizer, loss_fn, max_grad_norm: float, frozen=()):
+    """The compiled micro-step and update over [model.state, optimizer.state, mx.random.state] (and
+    the state of `frozen`: other modules the loss reads, e.g. a full fine-tune's reference copy).
 
     Args:
         loss_fn: `loss_fn(model, *batch_arrays) -> (summed loss, supervised tokens)`, e.g.
-            `partial(losses.loss_sum, chunk_size=..., exact_head=...)`.
+            `partial(losses.loss_sum, chunk_size=..., exact_head=...)`, or `(summed loss, units,
+            metric sums)` (a preference objective, `objectives.preference_loss`).
     Returns:
-        (micro_step, update, state): `micro_step(*arrays) -> (loss_sum, n_tok, grads)`,
+        (micro_step, update, state): `micro_step(*arrays) -> (loss_sum, n_tok, grads[, metrics])`,
         `update(summed_grads, divisor) -> grad_norm`, and the state list to `mx.eval`.
     """
     import mlx.core as mx
     import mlx.nn as nn
 
-    state = [model.state, optimizer.state, mx.random.state]
+    state = [model.state, optimizer.state, mx.random.state, *(m.state for m in frozen)]
     grad_fn = nn.value_and_grad(model, loss_fn)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def micro_step(*arrays):
-        (loss_sum, n_tok), grads = grad_fn(model, *arrays)
-        return loss_sum, n_tok, grads
+        (loss_sum, n_tok, *metrics), grads = grad_fn(model, *arrays)
+        return [loss_sum, n_tok, grads, *metrics]
 
     update = mx.compile(partial(apply_update, model, optimizer, max_grad_norm=max_grad_norm),
                         inputs=state, outputs=state)
@@ -90,6 +92,8 @@ def as_arrays(batch) -> list:
     which keeps the compiled step's shapes few)."""
     import mlx.core as mx
 
+    if hasattr(batch, "arrays"):  # a preference batch (mlx_ft.data.preference.PrefBatch)
+        return [mx.array(a) for a in batch.arrays()]
     args = [mx.array(batch.tokens), mx.array(batch.mask)]
     if batch.segments is not None:
         args.append(mx.array(batch.segments))

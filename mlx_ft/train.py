@@ -37,7 +37,8 @@ class Session:
     model: object
     optimizer: object
     loss_fn: Callable
-    """`loss_fn(model, *batch_arrays, grad=True) -> (summed loss, supervised tokens)`."""
+    """`loss_fn(model, *batch_arrays, grad=True) -> (summed loss, supervised tokens)`, or `(summed
+    loss, units, metric sums and counts)` for a preference objective (units: pairs or examples)."""
     splits: object  # data.Splits
     loop: LoopState
     total_steps: int
@@ -48,6 +49,10 @@ class Session:
     """Keeps the current adapter as the best one by validation loss."""
     rank: int = 0
     world: int = 1
+    summarize: Callable[[list[float]], dict] | None = None
+    """Metric sums and counts of a step (or a validation pass) -> metrics by name (TRL's names)."""
+    frozen: tuple = ()
+    """Modules the loss reads besides the model (a full fine-tune's frozen reference copy)."""
 
 
 def metal_memory_plan(device_info: dict, stop_fraction: float = 0.95,
@@ -102,13 +107,14 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
     def plans_for(epoch: int):
         return data.epoch_batches(splits.train, t.batch_size, d.max_seq_len, d.pack, t.seed, epoch, d.shuffle)
 
-    micro_step, update, state = compile_step(model, s.optimizer, s.loss_fn, t.max_grad_norm)
+    micro_step, update, state = compile_step(model, s.optimizer, s.loss_fn, t.max_grad_norm, s.frozen)
     # loss_normalization "epoch": every step divides by one number, the epoch's supervised tokens
     # (render never supervises a sample's first token, so each is a target) per optimizer step, both
     # from the data stage's report; "step": by the step's own count.
     epoch_divisor = None
-    if t.loss_normalization == "epoch":
-        per_step = splits.stats["train"]["supervised_tokens"] / splits.stats["batching"]["steps_per_epoch"]
+    if t.loss_normalization == "epoch":  # a preference objective's loss is a mean over pairs (loss_units)
+        units = splits.stats["train"].get("loss_units", splits.stats["train"]["supervised_tokens"])
+        per_step = units / splits.stats["batching"]["steps_per_epoch"]
         epoch_divisor = mx.array(per_step, dtype=mx.float32)
 
     stop = _StopSignals()
@@ -122,7 +128,7 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
         plans = plans_for(loop.epoch)
         while loop.step < s.total_steps:
             mx.random.seed(t.seed * 1_000_003 + loop.step)  # dropout RNG is a function of the step
-            acc, loss_total, tok_total = None, mx.array(0.0), mx.array(0.0)
+            acc, loss_total, tok_total, met_total = None, mx.array(0.0), mx.array(0.0), []
             for _ in range(t.grad_accum):
                 if loop.batch_index >= len(plans):
                     loop.epoch, loop.batch_index = loop.epoch + 1, 0
@@ -131,15 +137,17 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
                 batch = data.collate(splits.train, rows, d.max_seq_len, d.pack)
                 if not counts:
                     batch.mask[:] = False
-                loss_sum, n_tok, grads = micro_step(*as_arrays(batch))
+                loss_sum, n_tok, grads, *metrics = micro_step(*as_arrays(batch))
                 acc = grads if acc is None else tree_map(mx.add, acc, grads)
+                met_total = [m + a for m, a in zip(metrics, met_total)] if met_total else metrics
                 loss_total, tok_total = loss_total + loss_sum, tok_total + n_tok
                 loop.batch_index += 1
             if world > 1:  # sum gradients, loss and token counts over processes (exact for 2^k)
                 acc = tree_map(lambda g: g * world, nn.average_gradients(acc))
                 loss_total, tok_total = mx.distributed.all_sum(loss_total), mx.distributed.all_sum(tok_total)
+                met_total = [mx.distributed.all_sum(m) for m in met_total]
             norm = update(acc, tok_total if epoch_divisor is None else epoch_divisor)
-            mx.eval(state, loss_total, tok_total, norm)  # sync point: one per optimizer step
+            mx.eval(state, loss_total, tok_total, norm, met_total)  # sync point: one per optimizer step
             n_tok = int(tok_total.item())
             loss = loss_total.item() / max(n_tok, 1)
             if not math.isfinite(loss):
@@ -152,10 +160,13 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
                 stall.beat(loop.step)
             loop.trained_tokens += n_tok
             step_losses.append(loss)
-            reporter.step(loss, n_tok, s.optimizer.learning_rate.item(), norm.item())
+            metrics = s.summarize(met_total[0].tolist()) if met_total and s.summarize else None
+            reporter.step(loss, n_tok, s.optimizer.learning_rate.item(), norm.item(), metrics)
             last = loop.step == s.total_steps
             if t.eval_every and (loop.step % t.eval_every == 0) or (last and splits.valid):
-                val = evaluate_loss(model, s.loss_fn, splits.valid, t, d, rank, world)
+                val_metrics: dict = {}
+                val = evaluate_loss(model, s.loss_fn, splits.valid, t, d, rank, world, val_metrics,
+                                    s.summarize)
                 if val is not None:
                     improved = loop.best_val_loss is None or val < loop.best_val_loss
                     if improved:
@@ -163,7 +174,7 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
                         s.save_best()
                     else:
                         loop.evals_since_best += 1
-                    reporter.eval(val, improved)
+                    reporter.eval(val, improved, val_metrics)
                     if t.early_stopping_patience and loop.evals_since_best >= t.early_stopping_patience:
                         reporter.note(f"early stopping: no better validation loss for {loop.evals_since_best} "
                                       f"evaluations (best {loop.best_val_loss:.4f} at step {loop.best_step})")
@@ -202,8 +213,9 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
 
 
 def evaluate_loss(model, loss_fn, samples, t: TrainingConfig, d: DataConfig, rank: int = 0,
-                  world: int = 1) -> float | None:
-    """Mean validation loss per supervised token (over every process's share), or None."""
+                  world: int = 1, metrics: dict | None = None, summarize=None) -> float | None:
+    """Mean validation loss per supervised token (per pair for a preference objective, over every
+    process's share), or None. A preference objective's metrics go into `metrics` (by `summarize`)."""
     import mlx.core as mx
 
     from . import data
@@ -212,15 +224,21 @@ def evaluate_loss(model, loss_fn, samples, t: TrainingConfig, d: DataConfig, ran
     if not samples:
         return None
     plans = data.epoch_batches(samples, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, False)
-    total, count = mx.array(0.0), mx.array(0.0)
+    total, count, extra = mx.array(0.0), mx.array(0.0), []
     for plan in plans[: t.eval_batches]:
         rows, counts = _shard(plan, rank, world)
-        if counts:
-            s, n = loss_fn(model, *as_arrays(data.collate(samples, rows, d.max_seq_len, d.pack)), grad=False)
-            total, count = total + s, count + n
+        batch = data.collate(samples, rows, d.max_seq_len, d.pack)
+        if not counts:  # every process computes, so the metrics' sums below have the same shape everywhere
+            batch.mask[:] = False
+        s, n, *m = loss_fn(model, *as_arrays(batch), grad=False)
+        total, count = total + s, count + n
+        extra = [a + b for a, b in zip(m, extra)] if extra else m
     if world > 1:
         total, count = mx.distributed.all_sum(total), mx.distributed.all_sum(count)
-    mx.eval(total, count)  # sync point: one per validation pass
+        extra = [mx.distributed.all_sum(m) for m in extra]
+    mx.eval(total, count, extra)  # sync point: one per validation pass
+    if extra and summarize is not None and metrics is not None:
+        metrics.update(summarize(extra[0].tolist()))
     return total.item() / max(count.item(), 1.0)
 
 

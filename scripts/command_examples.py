@@ -41,7 +41,8 @@ SECTIONS = [
      ["mlxft plan recipes/qwen32b-qlora.toml --machine m4-max-128 --tokens 1000000",
       "mlxft plan recipes/qwen32b-qlora.toml --machine m4-max-64 --set training.grad_checkpointing=false --tokens 1000000",
       "mlxft plan --model meta-llama/Llama-3.1-8B --method qlora --batch-size 1 --max-seq-len 2048 --pack "
-      "--grad-checkpointing --machine m4-pro-24 --tokens 1000000"]),
+      "--grad-checkpointing --machine m4-pro-24 --tokens 1000000",
+      "mlxft plan recipes/qwen7b-dpo.toml --machine m4-pro-48 --tokens 1000000"]),
     ("Data inspect", "What the model will see; supervised tokens are [[bracketed]] off a terminal (green on one).",
      ["mlxft data inspect recipes/demo.toml --show 1", "mlxft data cache --list"]),
     ("Run", "Train. Off a terminal the progress bar becomes one line per `report_every` steps.",
@@ -57,6 +58,10 @@ SECTIONS = [
      ["mlxft fuse runs/demo --to safetensors", "mlxft fuse runs/demo --to gguf --gguf-type q8_0"]),
     ("Export the adapter", "The adapter alone, for transformers + peft or `llama-cli --lora`.",
      ["mlxft export-adapter runs/demo --to peft", "mlxft export-adapter runs/demo --to gguf-lora"]),
+    ("Preference tuning", "DPO on the demo model after its SFT (docs/preference.md): the fused SFT model "
+                          "is the base, and its new adapters switched off are the reference.",
+     ["mlxft fuse runs/demo --to safetensors --dtype f32 --overwrite",
+      "mlxft data inspect recipes/demo-dpo.toml --show 1", "mlxft run recipes/demo-dpo.toml"]),
 ]
 
 

@@ -3,6 +3,11 @@
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +51,41 @@ def chat_jsonl(tmp_path):
     train.write_text("\n".join(json.dumps(r) for r in recs[:40]) + "\n")
     valid.write_text("\n".join(json.dumps(r) for r in recs[40:]) + "\n")
     return train, valid
+
+
+def kill_then_resume(recipe: Path, run: Path, kill_after: int) -> subprocess.CompletedProcess:
+    """`mlxft run RECIPE` in a subprocess, SIGKILLed once metrics.jsonl has `kill_after` rows, then
+    `mlxft run RECIPE --resume` to the end; returns the second run's result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_ft", "run", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it was killed"
+    return subprocess.run([sys.executable, "-m", "mlx_ft", "run", str(recipe), "--resume"],
+                          capture_output=True, text=True, env=env)
+
+
+def replayed_and_measured(model, st) -> tuple[int, int]:
+    """The planner's replayed peak of the step `step_function` traces for (model, st), and MLX's peak
+    running that step compiled (both with the step's evaluated inputs)."""
+    import mlx.core as mx
+
+    from mlx_ft.planner.replay import replay
+    from mlx_ft.planner.trace import step_function, trace_step
+
+    step, args, held, _ = step_function(model, st)
+    mx.eval(args)
+    predicted = sum(held.values()) + replay(trace_step(model, st)).peak_bytes
+    compiled = mx.compile(step)
+    mx.eval(compiled(*args))  # the first call compiles
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(compiled(*args))
+    return predicted, mx.get_peak_memory() - base + sum(held.values())

@@ -35,6 +35,7 @@ SIDEWAYS = {
     ("tiny", "hfconfig"): "tiny models write their config in transformers 4's or 5's spelling",
     ("recipe_reference", "recipe"): "the reference is generated from the recipe's dataclasses",
     ("atomic", "errors"): "a write that fails (disk full, read-only) is the user's StorageError",
+    ("objectives", "losses"): "preference objectives sum the chunked per-token log-probs of losses",
 }
 
 

@@ -5,8 +5,9 @@ import mlx.core as mx
 import pytest
 
 from mlx_ft.planner import Settings, load_shape
-from mlx_ft.planner.replay import fuse, replay, replay_estimate, _build
-from mlx_ft.planner.trace import build_model, step_function, trace_step
+from mlx_ft.planner.replay import fuse, replay_estimate, _build
+
+from conftest import replayed_and_measured  # noqa: E402
 
 
 @pytest.fixture
@@ -30,15 +31,7 @@ def test_replayed_peak_is_mlx_peak_on_the_same_step(model_and_settings, kw):
     `mlxft run` compiles. Run it compiled and compare MLX's peak with the replay's (measured on
     this 2-layer, 64-wide model: +5.7 % LoRA; on the planner grid's models +1.3 to +3.2 %)."""
     model, st = model_and_settings(**kw)
-    step, args, held, _ = step_function(model, st)
-    mx.eval(args)
-    predicted = sum(held.values()) + replay(trace_step(model, st)).peak_bytes
-    compiled = mx.compile(step)
-    mx.eval(compiled(*args))  # the first call compiles
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    mx.eval(compiled(*args))
-    measured = mx.get_peak_memory() - base + sum(held.values())
+    predicted, measured = replayed_and_measured(model, st)
     assert predicted == pytest.approx(measured, rel=0.08), (predicted, measured)
 
 

@@ -22,6 +22,8 @@ from mlx_ft.recipe import _toml_value, load_recipe
 from mlx_ft.runner import train
 from mlx_ft.train import metal_memory_plan
 
+from conftest import kill_then_resume  # noqa: E402
+
 
 def make_recipe(tmp_path: Path, model_dir, files, name="r.toml", **sections) -> Path:
     """Write a recipe for the tiny model; `sections` = {"training": {...}, ...} override defaults."""
@@ -166,18 +168,7 @@ def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, tiny_model_dir, c
     ref = train(load_recipe(make_recipe(ref_dir, tiny_model_dir, chat_jsonl, **sections)), progress=False)
     recipe = make_recipe(cut_dir, tiny_model_dir, chat_jsonl, **sections)
     kill_after = random.Random(time.time_ns()).randint(4, 14)
-    proc = _run_cli(["run", str(recipe)])
-    metrics = cut_dir / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut_dir / "run" / "summary.json").exists(), "the run finished before it was killed"
-    done = subprocess.run([sys.executable, "-m", "mlx_ft", "run", str(recipe), "--resume"],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = kill_then_resume(recipe, cut_dir / "run", kill_after)
     assert done.returncode == 0, done.stderr
     ours = {r["step"]: r["last_loss"] for r in train_rows(cut_dir / "run")}
     theirs = {r["step"]: r["last_loss"] for r in train_rows(ref.run_dir)}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, MlxFtWarning
 from ..recipe import DataConfig, Recipe
 from . import build, store
 from .worker import Workers, default_workers
@@ -85,14 +85,6 @@ def record_texts(recipe: Recipe) -> list[str]:
     """
     return [s for name in _sources(recipe.data) for r in read_source(name, recipe.data, "train").records
             for s in r.strings()]
-
-
-def recipe_tokenizer(recipe: Recipe):
-    """The recipe's tokenizer (mlx-lm TokenizerWrapper) without loading or downloading weights;
-    a `builtin:` model's is trained on the recipe's training texts."""
-    from ..hub import load_tokenizer
-
-    return load_tokenizer(recipe.model, texts=lambda: record_texts(recipe))
 
 
 def check_records(recipe: Recipe, tokenizer, first: int = 3) -> str:
@@ -153,7 +145,7 @@ class Files:
             if why:
                 warnings.warn(f"data cache: cannot write to {self.dir} ({why}); rendering in memory this "
                               "time. Set data.cache_dir to a writable directory, or data.cache = false",
-                              stacklevel=3)
+                              MlxFtWarning, stacklevel=3)
                 self.state = "unwritable"
             else:
                 store.remove_leftovers(self.dir)
@@ -179,7 +171,8 @@ class Files:
         try:
             entry = store.open_entry(path)
         except (store.Damaged, OSError) as e:
-            warnings.warn(f"data cache: {path} is damaged ({e}); rendering its file again", stacklevel=4)
+            warnings.warn(f"data cache: {path} is damaged ({e}); rendering its file again", MlxFtWarning,
+                          stacklevel=4)
             return None
         small = entry is not None and entry.meta.get("min_oversize_chars") is not None and \
             self.bound >= entry.meta["min_oversize_chars"]
@@ -325,7 +318,8 @@ def _select(recs: _Records, cfg: DataConfig, source: int) -> tuple[Samples, dict
     return samples, counts, first
 
 
-def _mix(per_source: list[Samples], weights: list[float], seed: int) -> Samples:
+def _mix(per_source: list, weights: list[float], seed: int):
+    """Mix sources by weight (a list of `Samples`, or of lists of examples in memory)."""
     rng = np.random.default_rng([seed, 1])
     total, wsum = sum(len(s) for s in per_source), sum(weights)
     parts = []
@@ -336,8 +330,10 @@ def _mix(per_source: list[Samples], weights: list[float], seed: int) -> Samples:
         whole, rest = divmod(want, len(samples))
         idx = np.concatenate([np.tile(np.arange(len(samples)), whole),
                               np.sort(rng.permutation(len(samples))[:rest])])
-        parts.append(samples.take(idx))
-    return Samples.concat(parts)
+        parts.append(samples.take(idx) if isinstance(samples, Samples) else [samples[i] for i in idx])
+    if per_source and isinstance(per_source[0], Samples):
+        return Samples.concat(parts)
+    return [x for part in parts for x in part]
 
 
 def load_datasets(recipe: Recipe, tokenizer, progress: bool = False) -> Splits:
@@ -352,13 +348,7 @@ def load_datasets(recipe: Recipe, tokenizer, progress: bool = False) -> Splits:
     t0 = time.perf_counter()
     cfg, seed = recipe.data, recipe.training.seed
     names = _sources(cfg)
-    if cfg.weights is not None:
-        if len(cfg.weights) != len(names):
-            raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(names)} train sources; give one per source")
-        for i, w in enumerate(cfg.weights):
-            if not w > 0:
-                raise DataError(f"data.weights[{i}]: a mixing weight must be > 0, found {w}; "
-                                "remove the source instead of weighting it 0")
+    check_weights(cfg)
     train_files = [resolve_files(n, "train") for n in names]
     valid_files = resolve_files(cfg.valid, "validation") if cfg.valid is not None else []
     files = Files(cfg, tokenizer, progress)
@@ -437,27 +427,8 @@ def valid_records(recipe: Recipe) -> list[Record]:
     if cfg.valid is None and cfg.valid_fraction <= 0:
         return []
     sources = [] if cfg.valid is not None else [read_source(n, cfg, "train") for n in _sources(cfg)]
-    return _carve_valid(sources, cfg, recipe.training.seed)
-
-
-def _carve_valid(sources: list[Source], cfg: DataConfig, seed: int) -> list[Record]:
-    """Validation records: the `data.valid` source, or `valid_fraction` of each train source,
-    which then loses them (so no validation record is also trained on)."""
-    if cfg.valid is not None:
-        return read_source(cfg.valid, cfg, "validation").records
-    if cfg.valid_fraction <= 0:
-        return []
-    rng, out = np.random.default_rng(seed), []
-    for src in sources:
-        n_valid = int(round(cfg.valid_fraction * len(src.records))) if len(src.records) > 1 else 0
-        held = set(rng.permutation(len(src.records))[:n_valid].tolist())
-        out += [r for i, r in enumerate(src.records) if i in held]
-        src.records = [r for i, r in enumerate(src.records) if i not in held]
-    if not out:
-        total = sum(len(s.records) for s in sources)
-        raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {total} "
-                        "records rounds to 0 validation records; raise it or give data.valid")
-    return out
+    return split_valid(sources, cfg, recipe.training.seed,
+                       lambda: read_source(cfg.valid, cfg, "validation").records)
 
 
 def _cache_state(state: str, hits: int, n: int) -> str:
@@ -485,7 +456,7 @@ def _empty_notes(counts: list[dict], firsts: list[dict], cfg: DataConfig) -> lis
                         f"{what}) and data.max_seq_len ({cfg.max_seq_len})")
     if parts:
         note = "data.train: " + "; ".join(parts)
-        warnings.warn(note, stacklevel=3)
+        warnings.warn(note, MlxFtWarning, stacklevel=3)
         return [note]
     return []
 
@@ -507,6 +478,40 @@ def legacy_fingerprint(samples: Samples) -> str:
         h.update(bytes(str(samples.tokens(i).tolist()), "ascii"))
         h.update(bytes(str(np.asarray(samples.mask(i), dtype=bool).tolist()), "ascii"))
     return h.hexdigest()[:16]
+
+
+def check_weights(cfg: DataConfig) -> None:
+    """`data.weights`: one positive weight per train source."""
+    names = _sources(cfg)
+    if cfg.weights is not None:
+        if len(cfg.weights) != len(names):
+            raise DataError(f"data.weights: {len(cfg.weights)} weights for {len(names)} train sources; "
+                            "give one per source")
+        for i, w in enumerate(cfg.weights):
+            if not w > 0:
+                raise DataError(f"data.weights[{i}]: a mixing weight must be > 0, found {w}; "
+                                "remove the source instead of weighting it 0")
+
+
+def split_valid(sources: list[Source], cfg: DataConfig, seed: int, read_valid) -> list:
+    """The validation records of records read in memory (`mlxft eval`, preference data):
+    `read_valid()` for data.valid, or `valid_fraction` of each train source carved out with `seed`
+    (taken out of `sources` in place), as `load_datasets` carves its arrays."""
+    if cfg.valid is not None:
+        return read_valid()
+    valid_records: list = []
+    if cfg.valid_fraction > 0:
+        rng = np.random.default_rng(seed)
+        for src in sources:
+            n_valid = int(round(cfg.valid_fraction * len(src.records))) if len(src.records) > 1 else 0
+            held = set(rng.permutation(len(src.records))[:n_valid].tolist())
+            valid_records += [r for i, r in enumerate(src.records) if i in held]
+            src.records = [r for i, r in enumerate(src.records) if i not in held]
+        if not valid_records:
+            n = sum(len(s.records) for s in sources)
+            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {n} records rounds to 0 "
+                            "validation records; raise it or give data.valid")
+    return valid_records
 
 
 def _batching(samples: Samples, recipe: Recipe) -> dict:

@@ -90,6 +90,10 @@ def check_format(raw, where: str, cfg: DataConfig, first: str | None, first_wher
     record being a tools record without tools."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object (a record), found {type(raw).__name__}")
+    if ("chosen" in raw and "rejected" in raw) or ("completion" in raw and "label" in raw):
+        raise DataError(f"{where}: a preference record ({_keys(raw)}), but training.objective is "
+                        "'sft'; set training.objective = 'dpo' (or 'orpo', 'simpo', 'kto') to train on "
+                        "preferences, or keep preference records out of SFT data")
     if cfg.format != "auto":
         return cfg.format
     found = detect(raw, cfg)

@@ -198,6 +198,17 @@ class Renderer:
         return out
 
 
+def apply_template(tokenizer, messages, tools, generation_prompt: bool, where: str) -> str:
+    """One conversation through the tokenizer's chat template (a record at a time: preference
+    pairs); a template that refuses it is a DataError naming `where`."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja raises its own types, e.g. "roles must alternate"
+        raise DataError(f"{where}: the tokenizer's chat template cannot render this record "
+                        f"({type(e).__name__}: {e})") from None
+
+
 class _Retry(Exception):
     """A batch of records failed somewhere: render them one by one to name the first failure."""
 

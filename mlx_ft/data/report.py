@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from ..recipe import Recipe
-from .dataset import load_datasets, recipe_tokenizer
+from . import load_datasets, recipe_tokenizer
 
 
 def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None, progress: bool = False) -> dict:
@@ -21,13 +21,21 @@ def inspect_recipe(recipe: Recipe, show: int = 3, tokenizer=None, progress: bool
     tokenizer = tokenizer or recipe_tokenizer(recipe)
     splits = load_datasets(recipe, tokenizer, progress=progress)
     train = splits.stats["train"]
+    if recipe.training.objective != "sft":  # preference examples: both sequences of each
+        from .preference import report_samples
+
+        lengths = [e.length for e in splits.train]
+        samples = report_samples(splits.train, tokenizer, recipe.training.objective, show)
+    else:
+        lengths = splits.train.lengths
+        samples = [{"index": i, "source": s.source, "tokens": len(s.tokens), "supervised": int(s.mask.sum()),
+                    "pieces": _pieces(tokenizer, s)} for i, s in enumerate(splits.train[:show])]
     return {
         "recipe": recipe.source,
         **splits.stats,
         "supervised_fraction": round(train["supervised_tokens"] / max(train["tokens"], 1), 4),
-        "length_histogram": _histogram(splits.train.lengths, recipe.data.max_seq_len),
-        "samples": [{"index": i, "source": s.source, "tokens": len(s.tokens), "supervised": int(s.mask.sum()),
-                     "pieces": _pieces(tokenizer, s)} for i, s in enumerate(splits.train[:show])],
+        "length_histogram": _histogram(lengths, recipe.data.max_seq_len),
+        "samples": samples,
     }
 
 
@@ -64,12 +72,18 @@ def format_report(report: dict, color: bool = False) -> str:
         out.append(f"  {name:<40} {s['format']:<12} {s['records']:>8} {s['samples']:>7} {s['dropped']:>8} "
                    f"{s['truncated']:>10} {s['no_supervised']:>7} {w:>7} {s['epoch_samples']:>9}")
     tr = report["train"]
-    out += ["", f"train: {tr['samples']} samples, {tr['tokens']} tokens, {tr['supervised_tokens']} supervised "
+    unit = {"pairs": "pairs (2 sequences each)", "examples": "examples (each with a KL sequence)"}.get(
+        report.get("unit"), "samples")
+    out += ["", f"train: {tr['samples']} {unit}, {tr['tokens']} tokens, {tr['supervised_tokens']} supervised "
                 f"({100 * report['supervised_fraction']:.1f}%), mean length {tr['mean_len']}, max {tr['max_len']}",
             f"       {report['dropped']} dropped (longer than max_seq_len), {report['truncated']} truncated, "
-            f"{report['no_supervised']} without supervised tokens, {report['empty_answers']} with empty "
-            "answers"]
-    out += [f"note: {n}" for n in report["notes"]]
+            f"{report['no_supervised']} without supervised tokens"
+            + (f", {report['empty_answers']} with empty answers" if "empty_answers" in report else "")
+            + (f", {report['identical']} with chosen == rejected (left out)" if "identical" in report
+               else "")]
+    out += [f"note: {n}" for n in report.get("notes", [])]
+    if "desirable" in tr:
+        out.append(f"       {tr['desirable']} desirable, {tr['undesirable']} undesirable")
     v = report["valid"]
     out.append("valid: none" if v is None else
                f"valid: {v['samples']} samples, {v['tokens']} tokens, {v['supervised_tokens']} supervised, "
@@ -87,7 +101,9 @@ def format_report(report: dict, color: bool = False) -> str:
         legend = "green" if color else "[[inside double brackets]]"
         out += ["", f"rendered samples (supervised tokens {legend}):"]
     for s in report["samples"]:
-        out.append(f"--- sample {s['index']} (source {s['source']}, {s['tokens']} tokens, {s['supervised']} supervised)")
+        role = f" {s['role']}" if "role" in s else ""  # a preference example: each of its sequences
+        out.append(f"--- sample {s['index']}{role} (source {s['source']}, {s['tokens']} tokens, "
+                   f"{s['supervised']} supervised)")
         text = "".join(click.style(p["text"], fg="green", bold=True) if p["supervised"] and color
                        else f"[[{p['text']}]]" if p["supervised"] else p["text"] for p in s["pieces"])
         out.append(text.rstrip("\n"))

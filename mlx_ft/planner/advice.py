@@ -85,8 +85,14 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
     if not any(s["fits"] for s in out if s["change"] != "iogpu.wired_limit_mb"):
         _together(st, shape, budget, required, add, qlora=True)
     if st.method == "full":
-        add("adapter.method", "lora", "adapter.method = 'lora' instead of full fine-tuning",
-            "trains low-rank adapters, not every weight", replace(st, method="lora"))
+        no_copy = " (the reference is then the base with the adapters off: no copy)" if st.reference == "copy" else ""
+        add("adapter.method", "lora", f"adapter.method = 'lora' instead of full fine-tuning{no_copy}",
+            "trains low-rank adapters, not every weight",
+            replace(st, method="lora", reference="bypass" if st.reference == "copy" else st.reference))
+    if st.reference == "copy":
+        add("training.precompute_reference", True, "training.precompute_reference = true",
+            "the reference's log-probs are computed once before training, so no frozen copy is held",
+            replace(st, reference="precomputed"))
     # Rows cut below a quarter of their length (and 256 tokens), or fewer than a quarter of the blocks
     # adapted, leave little to train: offered last, only when nothing else fits, and saying so.
     last_resort: list[tuple] = []

@@ -20,6 +20,8 @@ properties of MLX's autodiff and scheduler rather than of a model; each says whe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..chunking import chunk_positions
 from . import schedule
 from .configs import ModelShape
@@ -135,6 +137,8 @@ def loss_chunk_positions(shape: ModelShape, st: Settings) -> int:
 
 def estimate(shape: ModelShape, st: Settings) -> Estimate:
     """Predict the peak of mx.get_peak_memory() over a training step with these settings."""
+    if st.objective != "sft":
+        return _preference(shape, st)
     B, L, V = st.batch_size, st.seq_len, shape.vocab
     n_t = n_adapted(shape, st)
     span = adapted_layers(shape, st)
@@ -229,6 +233,20 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
     return Estimate(breakdown={k: int(v) for k, v in breakdown.items()}, peak_bytes=int(peak),
                     headroom_bytes=headroom, trainable_params=int(trainable),
                     total_params=shape.total_params(), notes=notes)
+
+
+def _preference(shape: ModelShape, st: Settings) -> Estimate:
+    """A preference step: the SFT step over two rows per example (KTO's second rows run without
+    gradient, so this is an upper bound there), plus a full fine-tune's frozen reference copy of the
+    trained weights. The reference's forward pass (no gradient) runs before the policy's and is
+    smaller than its backward pass, so it adds no term."""
+    est = estimate(shape, replace(st, objective="sft", reference="none", batch_size=st.rows))
+    if st.reference == "copy":
+        copy = trainable_params(shape, st) * shape.dtype_bytes
+        est.breakdown = {**est.breakdown, "reference copy": int(copy)}
+        est.peak_bytes += int(copy)
+        est.headroom_bytes = int(HEADROOM_FIXED + HEADROOM_FRACTION * est.peak_bytes)
+    return est
 
 
 def update_floor(shape: ModelShape, st: Settings) -> int:

@@ -18,7 +18,7 @@ from .advice import suggest, thin_margin
 from .configs import ModelShape, load_shape
 from .formula import estimate
 from .machines import Machine, get_machine
-from .settings import Estimate, Settings, adapted_layers, adapted_modules
+from .settings import Estimate, Settings, adapted_layers, adapted_modules, reference_kind
 from .timing import EFFICIENCY, flops_per_token, measure_cpu_tflops, seconds_per_epoch
 
 __all__ = ["Plan", "RunBatches", "check_settings", "plan", "plan_model", "predict", "preflight",
@@ -36,7 +36,8 @@ def settings_from_recipe(recipe) -> Settings:
         rank=a.rank, layers=None if a.layers == "all" else int(a.layers),
         targets=(a.targets,) if isinstance(a.targets, str) else tuple(a.targets),
         batch_size=t.batch_size, seq_len=L - 1, pack=d.pack, grad_checkpointing=t.grad_checkpointing,
-        loss_chunk=t.loss_chunk_size, optimizer=t.optimizer, grad_accum=t.grad_accum)
+        loss_chunk=t.loss_chunk_size, optimizer=t.optimizer, grad_accum=t.grad_accum, objective=t.objective,
+        reference=reference_kind(t.objective, a.method, t.precompute_reference))
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,14 @@ class RunBatches:
 def run_batches(recipe, samples) -> RunBatches:
     """The first epoch's batches of `samples` as the recipe batches them (every epoch makes the same
     widest batch: the one holding the longest sample)."""
-    from ..data.batching import epoch_batches, row_width, sample_lengths
+    from ..data import item_lengths
+    from ..data.batching import epoch_batches, row_width
 
     d, t = recipe.data, recipe.training
-    plans = epoch_batches(samples, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
-    shapes = [(len(p), row_width(samples, p, d.max_seq_len, d.pack)) for p in plans]
+    lengths = item_lengths(samples)  # a preference example batches by its longer sequence
+    plans = epoch_batches(lengths, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
+    shapes = [(len(p), row_width(lengths, p, d.max_seq_len, d.pack)) for p in plans]
     positions = sum(b * w for b, w in shapes)
-    lengths = sample_lengths(samples)
     return RunBatches(rows=max(b for b, _ in shapes), width=max(w for _, w in shapes), batches=len(plans),
                       positions=positions, attention_width=sum(b * w * w for b, w in shapes) / positions,
                       tokens=int(lengths.sum()), samples=len(samples), longest=int(lengths.max()), lengths=lengths)
@@ -187,7 +189,7 @@ class Plan:
         if self.seconds_per_epoch is None or not self.tokens_per_epoch:
             raise PlanError("--nodes needs a time estimate: give --tokens N (or a recipe whose data can be counted)")
         st = self.settings
-        step_tokens = st.batch_size * st.grad_accum * (st.seq_len + 1)
+        step_tokens = st.rows * st.grad_accum * (st.seq_len + 1)
         step_seconds = self.seconds_per_epoch * step_tokens / self.tokens_per_epoch
         grad_bytes = self.estimate.trainable_params * (self.shape.dtype_bytes if st.method == "full" else 4)
         self.cluster = cluster_estimate(nodes, link, step_seconds, grad_bytes)
@@ -312,6 +314,11 @@ def preflight(recipe, world: int = 1, samples=None) -> dict:
         worst_need = predict(shape, worst).required_bytes
         lines.append(f"plan: if a batch were {worst.batch_size} x {worst.seq_len + 1} tokens (max_seq_len): "
                      f"{gib(worst_need)}, {'fits' if worst_need <= budget else 'would not fit'}")
+    copy = est.breakdown.get("reference copy", 0)
+    if copy and not fits:
+        lines.append(f"plan: it counts a frozen reference copy of the trained weights ({gib(copy)}) that "
+                     f"training.objective = {st.objective!r} needs with adapter.method = 'full': "
+                     "training.precompute_reference = true or adapter.method = 'lora' avoids it")
     return {"verdict": "\n".join(lines), "fits": fits, "planned_peak_bytes": est.peak_bytes, "required_bytes": need,
             "budget_bytes": budget, "machine": mach.name, "memory_model": est.memory_model,
             "batch": [st.batch_size, st.seq_len + 1], "worst_case_bytes": worst_need,

@@ -29,13 +29,14 @@ from .settings import Estimate, Settings
 
 SHIPPED = Path(__file__).with_name("plan_cache.json")
 # What a replayed estimate is computed by: the planner's trace and replay, and the parts of the
-# training step they build (losses, the update, the chunk rule; the quantization, adapters and
-# adapter defaults of the model stage, by the source of those functions and classes only; the
-# optimizer's state is set by Settings.optimizer).
+# training step they build (losses, the update, the chunk rule, the preference objectives; the
+# quantization, adapters, reference bypass and copy and adapter defaults of the model stage, by the
+# source of those functions and classes only; the optimizer's state is set by Settings.optimizer).
 _SOURCES = ["planner/trace.py", "planner/replay.py", "planner/schedule.py", "planner/settings.py",
-            "planner/formula.py", "planner/configs.py", "losses.py", "step.py", "chunking.py"]
+            "planner/formula.py", "planner/configs.py", "losses.py", "step.py", "chunking.py",
+            "objectives.py"]
 _OBJECTS = {"models": ["quantize", "is_quantized", "_linear_types", "num_adapted_layers", "target_keys",
-                       "lora_scale", "apply_adapters"],
+                       "lora_scale", "apply_adapters", "adapters_off", "frozen_copy"],
             "recipe": ["QuantizeConfig", "AdapterConfig"]}
 
 

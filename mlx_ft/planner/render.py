@@ -85,17 +85,21 @@ def _header_lines(p) -> list[str]:
     layers = "all" if st.layers is None else f"last {st.layers} of"
     moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}"
            if sh.is_moe else "")
+    reference = {"bypass": "reference: the base, adapters off", "copy": "reference: a frozen copy",
+                 "precomputed": "reference: precomputed"}.get(st.reference)
+    objective = "" if st.objective == "sft" else f"{st.objective}{f' ({reference})' if reference else ''}, "
+    rows = "" if st.objective == "sft" else (" pairs" if st.objective != "kto" else " examples") + " x 2 sequences"
     if p.batches:
         b = p.batches
-        batch = (f"batches up to {st.batch_size} x {st.seq_len + 1} tokens (the widest of the epoch's "
+        batch = (f"batches up to {st.batch_size}{rows} x {st.seq_len + 1} tokens (the widest of the epoch's "
                  f"{b.batches}: {'packed rows' if st.pack else f'longest sample {b.longest} tokens'}; "
                  f"max_seq_len {p.max_seq_len})")
     else:
-        batch = f"batch {st.batch_size} x {st.seq_len + 1} tokens{', packed' if st.pack else ''}"
+        batch = f"batch {st.batch_size}{rows} x {st.seq_len + 1} tokens{', packed' if st.pack else ''}"
     projected = "; PROJECTED: not announced, figures from 2 x M5 Max and press reports" if m.projected else ""
     return [
         f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; config: {sh.source})",
-        f"training {method}, rank {st.rank}, {layers} {sh.layers} blocks, {batch}, grad checkpointing "
+        f"training {objective}{method}, rank {st.rank}, {layers} {sh.layers} blocks, {batch}, grad checkpointing "
         f"{'on' if st.grad_checkpointing else 'off'}, loss chunk {st.loss_chunk or 'off'}; "
         f"{p.estimate.trainable_params / 1e6:.2f}M trainable",
         f"machine  {m.name} ({m.chip}, {m.memory_bytes / 2**30:.0f} GiB{projected}); budget "

@@ -18,7 +18,7 @@ HEADROOM_FIXED = 1 * GIB
 """Outside mx.get_peak_memory(): Python, Metal command buffers, the allocator cache [est]."""
 HEADROOM_FRACTION = 0.05
 """... plus this share of the peak for fragmentation and the free-buffer cache [est]."""
-STATIC_TERMS = ("weights", "quantization overhead", "adapters", "optimizer state", "batch")
+STATIC_TERMS = ("weights", "quantization overhead", "adapters", "optimizer state", "batch", "reference copy")
 """Breakdown lines that do not grow with the batch: the probe and the suggestions scale the others."""
 
 
@@ -43,6 +43,25 @@ class Settings:
     loss_impl: str = "mlx_ft"
     """`mlx_ft` (chunked float32 cross-entropy) or `mlx_lm` (mlx-lm's default_loss on full logits in
     the model dtype), for comparing with published mlx-lm runs."""
+    objective: str = "sft"
+    """sft, or a preference objective (dpo, orpo, simpo, kto): each of `batch_size` examples is then
+    two sequences of `seq_len + 1` tokens."""
+    reference: str = "none"
+    """How a preference step gets its reference log-probs: `none` (sft, orpo, simpo), `bypass` (the
+    same model with its adapters off, a second forward pass), `copy` (a frozen copy of the trained
+    weights: full fine-tuning) or `precomputed` (read from the batch)."""
+
+    @property
+    def rows(self) -> int:
+        """Token rows per micro-batch: two per example for a preference objective."""
+        return self.batch_size * (1 if self.objective == "sft" else 2)
+
+
+def reference_kind(objective: str, method: str, precompute: bool = False) -> str:
+    """`Settings.reference` of an objective trained with `method`."""
+    if objective not in ("dpo", "kto"):
+        return "none"
+    return "precomputed" if precompute else "copy" if method == "full" else "bypass"
 
 
 @dataclass

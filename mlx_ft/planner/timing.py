@@ -10,6 +10,9 @@ L x L attention when training, no causal halving):
     backward, inputs    2 N_span + 2 V H (head) + 8 L d_q x adapted layers
     backward, weights   2 N_span (full fine-tuning only; LoRA's own matmuls are negligible)
     checkpointing       + 2 N_span + 4 L d_q x adapted layers (the forward is run again)
+    reference           + 2 N + 2 V H + 4 L d_q x layers (preference tuning with the reference
+                        computed in the step: a forward pass without gradient; tokens count both
+                        sequences of each example)
 
 The chunked loss adds nothing: with a frozen head (every method mlx_ft has) each chunk computes
 its logits and dL/dh once, in the forward pass (`mlx_ft.losses._fused_chunk`), which is the
@@ -48,6 +51,8 @@ def flops_per_token(shape: ModelShape, st: Settings, attn_len: float | None = No
         f += 2 * n_span
     if st.grad_checkpointing:
         f += 2 * n_span + attn * n_t
+    if st.reference in ("bypass", "copy"):
+        f += 2 * (sum(blocks) + head) + attn * shape.layers
     return float(f)
 
 

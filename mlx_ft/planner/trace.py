@@ -130,10 +130,12 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
     function `trace_step` exports; its arguments are the model's parameters, a batch of zeros
     and the optimizer state. Called with them (compiled) it runs the step: with loss_chunk 0 and
     no checkpointing it is the training step itself, with no surrogate."""
+    import contextlib
+
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from .. import losses
+    from .. import losses, models, objectives
     from ..chunking import chunk_positions
     from ..step import apply_update
 
@@ -143,7 +145,12 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
     names = [k for k, _ in params]
     tnames = [k for k, _ in tree_flatten(model.trainable_parameters())]
     state = [(k, v) for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)]
-    B, L = st.batch_size, st.seq_len + 1
+    B, L = st.rows, st.seq_len + 1  # a preference example is two rows
+    # A full fine-tune's frozen reference: its own copy of the trained weights, sharing the rest.
+    ref_model = models.frozen_copy(model) if st.reference == "copy" else None
+    trained_names = set(tnames)
+    ref_trained = ([v for k, v in tree_flatten(ref_model.parameters()) if k in trained_names]
+                   if ref_model else [])
     block_cls = type(model.layers[0])
     plain_call = block_cls.__call__
     pairs: list[tuple] = []  # (surrogate, what it stands for in the forward pass)
@@ -179,6 +186,27 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
         pairs.append((both, out))
         return both
 
+    def policy_logps(tokens, segments, grad):
+        """losses.token_logps with the fused chunks as surrogates."""
+        if not grad:
+            return losses.token_logps(model, tokens, segments, st.loss_chunk, grad=False)
+        h = losses._hidden(model, tokens[:, :-1], segments[:, :-1] if segments is not None else None)
+        targets, n = tokens[:, 1:], h.shape[1]
+        step_ = chunk_positions(st.loss_chunk, tokens.shape[0], losses._vocab(model), n)
+        if not st.loss_chunk:
+            return losses.target_logps(model, h, targets)
+        parts = []
+        for s in range(0, n, step_):
+            t_c, h_c = targets[:, s:s + step_], h[:, s:s + step_]
+            (value,), (jac,) = mx.vjp(lambda x: [losses.target_logps(model, x, t_c)], [mx.stop_gradient(h_c)],
+                                      [mx.ones(t_c.shape, dtype=mx.float32)])
+            value, jac = mx.depends([value, jac], [mx.stop_gradient(h_c)])
+            both = mx.stop_gradient(value) + (mx.stop_gradient(jac).astype(mx.float32)
+                                              * h_c.astype(mx.float32)).sum(-1)  # backward: cotangent x jac
+            pairs.append((both, value))
+            parts.append(both)
+        return mx.concatenate(parts, axis=1)
+
     def step(*arrays):
         model.update(tree_unflatten(list(zip(names, arrays[:len(names)]))))
         optimizer.state = tree_unflatten(list(zip([k for k, _ in state], arrays[len(arrays) - len(state):])))
@@ -188,6 +216,22 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
         weights = mask[:, 1:].astype(mx.float32)
         seg = segments[:, :-1] if segments is not None else None
         trainable = dict(tree_flatten(model.trainable_parameters()))
+        if ref_model is not None:  # the frozen weights shared with the policy, its own trained ones
+            own = arrays[len(names) + len(batch):len(names) + len(batch) + len(ref_trained)]
+            ref_model.update(tree_unflatten([(k, a) for k, a in zip(names, arrays) if k not in trainable]
+                                            + list(zip(tnames, own))))
+
+        def preference(*t):  # objectives.preference_loss, with the surrogate chunks
+            model.update(tree_unflatten(list(zip(tnames, t))))
+            seq, meta = arrays[len(names) + 2], arrays[len(names) + 3]
+            packed = seq if st.pack else None
+            ref = None
+            if st.reference in ("bypass", "copy"):
+                with models.adapters_off() if st.reference == "bypass" else contextlib.nullcontext():
+                    ref = losses.token_logps(ref_model or model, tokens, packed, st.loss_chunk, grad=False)
+            policy = objectives.policy_logps(objective, policy_logps, objectives.after(tokens, ref), packed,
+                                             True)
+            return [objectives.loss_from_logps(objective, policy, ref, mask, seq, meta)[0]]
 
         def loss(*t):  # losses.loss_sum with the fused chunks as surrogates
             model.update(tree_unflatten(list(zip(tnames, t))))
@@ -216,7 +260,8 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
             block_cls.__call__ = checkpointed
         mx.gather_mm = gather_mm
         try:
-            (loss_sum,), grads = mx.vjp(loss, [trainable[k] for k in tnames], [mx.array(1.0, dtype=mx.float32)])
+            fn = loss if objective is None else preference
+            (loss_sum,), grads = mx.vjp(fn, [trainable[k] for k in tnames], [mx.array(1.0, dtype=mx.float32)])
         finally:
             block_cls.__call__ = plain_call
             mx.gather_mm = real_gather_mm
@@ -231,7 +276,15 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
         return final + micro + [a for p in pairs for a in p]
 
     counts: list[int] = []
-    batch = [mx.zeros((B, L), mx.int32), mx.ones((B, L), mx.bool_)] + ([mx.zeros((B, L), mx.int32)] if st.pack else [])
+    objective = None if st.objective == "sft" else objectives.Objective(st.objective)
+    batch = [mx.zeros((B, L), mx.int32), mx.ones((B, L), mx.bool_)]
+    if objective is None:
+        batch += [mx.zeros((B, L), mx.int32)] if st.pack else []
+    else:  # data.preference.collate's arrays: one example per row pair, its capacity a multiple of 8
+        cap = -(-st.batch_size // 8) * 8
+        rows = mx.arange(B) % st.batch_size + (mx.arange(B) >= st.batch_size) * cap  # [B] each row's sequence
+        batch += [mx.array(mx.broadcast_to(rows[:, None], (B, L)), dtype=mx.int32),
+                  mx.zeros((cap, 3), mx.float32)]
     trained = set(tnames)
     held = {"weights": 0, "quantization overhead": 0, "adapters": 0, "optimizer state": 0, "batch": 0}
     for k, v in params:
@@ -240,7 +293,9 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
         held[kind] += v.nbytes
     held["optimizer state"] = sum(v.nbytes for _, v in state)
     held["batch"] = sum(a.nbytes for a in batch)
-    return step, [v for _, v in params] + batch + [v for _, v in state], held, counts
+    if ref_trained:
+        held["reference copy"] = sum(v.nbytes for v in ref_trained)
+    return step, [v for _, v in params] + batch + ref_trained + [v for _, v in state], held, counts
 
 
 def rewire(records: list[dict], n_final: int, n_micro: int, held: dict, vocab: int, positions: int) -> Traced:
