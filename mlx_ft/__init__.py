@@ -6,7 +6,8 @@ Notebook use mirrors the CLI (examples/quickstart.ipynb, docs/notebook.md)::
     recipe = load_recipe("recipes/demo.toml", overrides={"training.epochs": 1})
     plan(recipe, machine="m4-max-128")   # mlxft plan
     inspect_data(recipe)                 # mlxft data inspect
-    result = train(recipe)               # mlxft run; TrainResult: run_dir, adapter_dir, summary, model, tokenizer
+    result = train(recipe)               # mlxft run; TrainResult: run_dir, adapter_dir, summary, model,
+                                         # tokenizer
     evaluate(result)                     # mlxft eval; EvalResult: figures (eval.json), samples
     generate(result, "Review: ...", chat=True)   # mlxft generate
     fuse(result.run_dir, to="gguf")      # mlxft fuse; export_adapter: mlxft export-adapter

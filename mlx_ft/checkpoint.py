@@ -67,7 +67,8 @@ def save(run_dir: Path, model, optimizer, loop: LoopState, adapter_config: dict,
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop.step:06d}"
     with atomic_dir(final) as tmp:
-        mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(str(tmp / "adapters.safetensors"),
+                            dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}

@@ -124,7 +124,8 @@ def validate(recipes, overrides, deep):
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier run in output.dir: what mlx_ft wrote there is removed once the "
               "recipe, model and data are checked (a directory mlx_ft did not make is refused).")
-@click.option("--force", is_flag=True, help="Start even when the memory plan says the run will not fit this machine.")
+@click.option("--force", is_flag=True,
+              help="Start even when the memory plan says the run will not fit this machine.")
 @user_errors
 def run(recipe, overrides, resume, overwrite, force):
     """Train as RECIPE says: adapters, checkpoints, metrics and summary in output.dir.
@@ -156,7 +157,8 @@ def _value(recipe, key):
 @main.command("recipes")
 @click.option("--dir", "where", type=click.Path(path_type=Path), default=None,
               help="Directory to list (default: the recipes/ folder shipped with mlx_ft).")
-@click.option("--reference", is_flag=True, help="Print the recipe reference (every key, type, default, meaning) as Markdown.")
+@click.option("--reference", is_flag=True,
+              help="Print the recipe reference (every key, type, default, meaning) as Markdown.")
 def recipes_cmd(where, reference):
     """List the bundled recipes with the first line of their description.
 
@@ -273,10 +275,13 @@ def data_cache(show, clear, where):
 
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--model", help="Base model: hub id or local dir (default: the base recorded with the adapter).")
-@click.option("--adapter", type=click.Path(path_type=Path), help="Adapter directory or run directory to apply.")
+@click.option("--model",
+              help="Base model: hub id or local dir (default: the base recorded with the adapter).")
+@click.option("--adapter", type=click.Path(path_type=Path),
+              help="Adapter directory or run directory to apply.")
 @click.option("--prompt", required=True, help="The prompt (the user turn with --chat).")
-@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template to the prompt as one user turn.")
+@click.option("--chat", is_flag=True,
+              help="Apply the tokenizer's chat template to the prompt as one user turn.")
 @click.option("--system", help="System message (implies --chat).")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most.")
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
@@ -362,18 +367,22 @@ def eval_cmd(run_or_adapter, data, max_samples, max_tokens, base, as_json):
 @main.command()
 @click.argument("run_or_adapter_dir", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["safetensors", "gguf", "lmstudio"]), default="safetensors",
-              show_default=True, help="Hugging Face directory (mlx-lm, transformers), one GGUF file (llama.cpp, "
-              "Ollama), or into LM Studio's models directory (GGUF; MLX with --quantize).")
-@click.option("--out", type=click.Path(path_type=Path), help="Target dir or .gguf file [default: RUN/export/...].")
+              show_default=True, help="Hugging Face directory (mlx-lm, transformers), one GGUF file "
+              "(llama.cpp, Ollama), or into LM Studio's models directory (GGUF; MLX with --quantize).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Target dir or .gguf file [default: RUN/export/...].")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True,
               help="Float type of the safetensors weights.")
 @click.option("--gguf-type", default="f16", show_default=True,
-              help=f"Written directly: {', '.join(DIRECT_TYPES)}. By llama.cpp's quantizer (llama-quantize, else "
-              f"llama-cpp-python): {', '.join(t for t in LLAMA_CPP_TYPES if t not in NEEDS_IMATRIX)}. Refused, "
+              help=f"Written directly: {', '.join(DIRECT_TYPES)}. By llama.cpp's quantizer (llama-quantize, "
+              "else llama-cpp-python): "
+              f"{', '.join(t for t in LLAMA_CPP_TYPES if t not in NEEDS_IMATRIX)}. Refused, "
               f"they need an importance matrix: {', '.join(NEEDS_IMATRIX)}.")
-@click.option("--quantize", type=click.Choice(["4", "8"]), help="Re-quantize the safetensors for MLX (lossy).")
+@click.option("--quantize", type=click.Choice(["4", "8"]),
+              help="Re-quantize the safetensors for MLX (lossy).")
 @click.option("--lmstudio-dir", type=click.Path(path_type=Path), envvar="LMSTUDIO_MODELS_DIR",
-              help="--to lmstudio: LM Studio's models directory [env LMSTUDIO_MODELS_DIR; default ~/.lmstudio/models].")
+              help="--to lmstudio: LM Studio's models directory [env LMSTUDIO_MODELS_DIR; "
+              "default ~/.lmstudio/models].")
 @click.option("--gguf-pre", help="BPE pre-tokenizer name for llama.cpp, only when its table does not know "
               "the tokenizer (the error lists the names).")
 @click.option("--overwrite", is_flag=True,
@@ -392,8 +401,8 @@ def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, 
     from .export import fuse as fuse_export
 
     path = fuse_export(run_or_adapter_dir, to=to, out=out, dtype=dtype, gguf_type=gguf_type,
-                       quantize=int(quantize) if quantize else None, overwrite=overwrite, lmstudio_dir=lmstudio_dir,
-                       gguf_pre=gguf_pre)
+                       quantize=int(quantize) if quantize else None, overwrite=overwrite,
+                       lmstudio_dir=lmstudio_dir, gguf_pre=gguf_pre)
     click.echo(f"wrote {path}")
     if to == "gguf":
         click.echo(f"wrote {path.parent / 'Modelfile'}  (ollama create NAME -f {path.parent / 'Modelfile'})")
@@ -407,11 +416,12 @@ def fuse(run_or_adapter_dir, to, out, dtype, gguf_type, quantize, lmstudio_dir, 
 @click.argument("run_or_adapter_dir", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["peft", "gguf-lora"]), default="peft", show_default=True,
               help="PEFT directory (transformers + peft) or a llama.cpp LoRA GGUF (llama-cli --lora).")
-@click.option("--out", type=click.Path(path_type=Path), help="Target dir or .gguf file [default: RUN/export/...].")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Target dir or .gguf file [default: RUN/export/...].")
 @click.option("--with-base", type=click.Choice(DIRECT_TYPES),
               help="gguf-lora: also write the base GGUF the adapter applies to, and a Modelfile.")
-@click.option("--gguf-pre", help="With --with-base: BPE pre-tokenizer name for llama.cpp, only when its table "
-              "does not know the tokenizer (the error lists the names).")
+@click.option("--gguf-pre", help="With --with-base: BPE pre-tokenizer name for llama.cpp, only when its "
+              "table does not know the tokenizer (the error lists the names).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing target, if it is an earlier mlx_ft export of the same kind "
               "(never other files).")
@@ -426,7 +436,8 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
     """
     from .export import export_adapter as export
 
-    path = export(run_or_adapter_dir, to=to, out=out, overwrite=overwrite, with_base=with_base, gguf_pre=gguf_pre)
+    path = export(run_or_adapter_dir, to=to, out=out, overwrite=overwrite, with_base=with_base,
+                  gguf_pre=gguf_pre)
     click.echo(f"wrote {path}")
 
 
@@ -441,17 +452,24 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
               show_default=True, help="Without a recipe, with qlora/qdora: MLX quantization mode of the base "
               "(affine 4-bit group 64, mxfp4, nvfp4, mxfp8).")
 @click.option("--rank", type=int, default=16, show_default=True, help="Without a recipe: LoRA rank.")
-@click.option("--layers", default="all", show_default=True, help="Without a recipe: adapted blocks (last N) or all.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Without a recipe: rows per micro-batch.")
-@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Without a recipe: tokens per row.")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, help="Without a recipe: recompute blocks.")
+@click.option("--layers", default="all", show_default=True,
+              help="Without a recipe: adapted blocks (last N) or all.")
+@click.option("--batch-size", type=int, default=4, show_default=True,
+              help="Without a recipe: rows per micro-batch.")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True,
+              help="Without a recipe: tokens per row.")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False,
+              help="Without a recipe: recompute blocks.")
 @click.option("--pack/--no-pack", default=False, help="Without a recipe: packed rows.")
 @click.option("--objective", type=click.Choice(["sft", "dpo", "orpo", "simpo", "kto"]), default="sft",
               show_default=True, help="Without a recipe: the training objective (preference objectives train "
               "batch-size examples of two sequences each).")
-@click.option("--tokens", type=int, help="Training tokens per epoch, for the time estimate (default: count the dataset).")
-@click.option("--budget-gb", type=float, help="Override the machine's GPU budget (GiB), e.g. after raising iogpu.wired_limit_mb.")
-@click.option("--probe", is_flag=True, help="Run 2 real steps at a short length here and calibrate the estimate.")
+@click.option("--tokens", type=int,
+              help="Training tokens per epoch, for the time estimate (default: count the dataset).")
+@click.option("--budget-gb", type=float,
+              help="Override the machine's GPU budget (GiB), e.g. after raising iogpu.wired_limit_mb.")
+@click.option("--probe", is_flag=True,
+              help="Run 2 real steps at a short length here and calibrate the estimate.")
 @click.option("--probe-seq-len", type=int, help="Row length of the probe [default: min(256, max_seq_len)].")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--list-models", is_flag=True, help="List the bundled model configs and exit.")
@@ -459,15 +477,16 @@ def export_adapter(run_or_adapter_dir, to, out, with_base, gguf_pre, overwrite):
               help="Macs training data-parallel (mlx.launch); adds the expected speed-up.")
 @click.option("--link", type=click.Choice(["tb5", "tb4", "10gbe", "1gbe"]), default="tb5", show_default=True,
               help="With --nodes: the link between the Macs.")
-@click.option("--memory-model", type=click.Choice(["auto", "replay", "formula"]), default="auto", show_default=True,
-              help="replay: MLX's graph of the training step, traced from the model class and replayed as MLX "
-                   "evaluates it; formula: the closed-form terms; auto: the replay when the step can be traced "
-                   "(dense models), else the formula.")
+@click.option("--memory-model", type=click.Choice(["auto", "replay", "formula"]), default="auto",
+              show_default=True,
+              help="replay: MLX's graph of the training step, traced from the model class and replayed as "
+                   "MLX evaluates it; formula: the closed-form terms; auto: the replay when the step can be "
+                   "traced (dense models), else the formula.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @user_errors
-def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, max_seq_len, grad_checkpointing,
-         pack, objective, tokens, budget_gb, probe, probe_seq_len, overrides, list_models, nodes, link,
-         memory_model, as_json):
+def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, max_seq_len,
+         grad_checkpointing, pack, objective, tokens, budget_gb, probe, probe_seq_len, overrides, list_models,
+         nodes, link, memory_model, as_json):
     """Will the run fit this Mac's memory, how long will an epoch take, and what to change if not.
 
     A recipe whose data can be read here is planned at the widest batch its run makes (with the
@@ -514,12 +533,14 @@ def plan(recipe, machine, model, method, quant_mode, rank, layers, batch_size, m
         from .recipe import QuantizeConfig
 
         q = QuantizeConfig(mode=quant_mode) if method.startswith("q") else None
-        st = Settings(method=method.removeprefix("q"), quant_bits=q and q.bits, quant_group=q.group_size if q else 64,
-                      quant_mode=q.mode if q else "affine", rank=rank, layers=None if layers == "all" else int(layers),
-                      batch_size=batch_size, seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing,
+        st = Settings(method=method.removeprefix("q"), quant_bits=q and q.bits,
+                      quant_group=q.group_size if q else 64, quant_mode=q.mode if q else "affine", rank=rank,
+                      layers=None if layers == "all" else int(layers), batch_size=batch_size,
+                      seq_len=max_seq_len - 1, pack=pack, grad_checkpointing=grad_checkpointing,
                       objective=objective, reference=reference_kind(objective, method.removeprefix("q")))
-        p = plan_model(model, st, machine=machine, tokens=tokens, tokens_source="given with --tokens" if tokens else
-                       "no token count; pass --tokens N", budget_gb=budget_gb, memory_model=memory_model)
+        p = plan_model(model, st, machine=machine, tokens=tokens,
+                       tokens_source="given with --tokens" if tokens else "no token count; pass --tokens N",
+                       budget_gb=budget_gb, memory_model=memory_model)
     p = p.with_cluster(nodes, link)
     click.echo(json.dumps(p.to_dict(), indent=2) if as_json else p.render())
     if not p.fits:
@@ -546,14 +567,16 @@ def machines(as_json):
     if as_json:
         click.echo(json.dumps([asdict(m) for m in ms], indent=2))
         return
-    click.echo(f"{'name':<16} {'chip':<10} {'memory':>7} {'GPU budget':>11} {'GB/s':>6} {'TFLOPS':>7} {'matmul':>8}")
+    click.echo(f"{'name':<16} {'chip':<10} {'memory':>7} {'GPU budget':>11} {'GB/s':>6} {'TFLOPS':>7} "
+               f"{'matmul':>8}")
     for m in ms:
         mm = f"{m.matmul_tflops[0]:.0f}-{m.matmul_tflops[1]:.0f}" if m.matmul_tflops else ""
-        click.echo(f"{m.name:<16} {m.chip:<10} {m.memory_bytes / 2**30:>4.0f} GB {m.budget_bytes / 2**30:>7.1f} GiB "
-                   f"{m.bandwidth_gbs:>6.0f} {m.fp32_tflops:>7.1f} {mm:>8}{'  projected' if m.projected else ''}")
-    click.echo("\nBudget: the macOS 26 default GPU working set (82-84% of RAM); `--machine auto` on a Mac reads the "
-               "real value. Raise it with `sudo sysctl iogpu.wired_limit_mb=N` (until reboot).\n"
-               "TFLOPS: FP32 peak. matmul: 16-bit matmul TFLOP/s of the M5 family's Neural Accelerators, from a "
-               "measured MLX GEMM to the architectural peak (the planner uses the first).\n"
+        click.echo(f"{m.name:<16} {m.chip:<10} {m.memory_bytes / 2**30:>4.0f} GB "
+                   f"{m.budget_bytes / 2**30:>7.1f} GiB {m.bandwidth_gbs:>6.0f} {m.fp32_tflops:>7.1f} "
+                   f"{mm:>8}{'  projected' if m.projected else ''}")
+    click.echo("\nBudget: the macOS 26 default GPU working set (82-84% of RAM); `--machine auto` on a Mac "
+               "reads the real value. Raise it with `sudo sysctl iogpu.wired_limit_mb=N` (until reboot).\n"
+               "TFLOPS: FP32 peak. matmul: 16-bit matmul TFLOP/s of the M5 family's Neural Accelerators, "
+               "from a measured MLX GEMM to the architectural peak (the planner uses the first).\n"
                "projected: not announced; figures are 2 x M5 Max and press reports, each with its source in "
                "`mlxft machines --json` (`projected`).")

@@ -52,7 +52,8 @@ def load_for_generation(model: str | Path | None = None, adapter: str | Path | N
         m, tok, _ = load_with_adapter(adapter, base_model=str(model) if model else None)
         return m, tok
     if model is None:
-        raise ModelError("generate: give a model (hub id or directory), an adapter directory, or a run directory")
+        raise ModelError("generate: give a model (hub id or directory), an adapter directory, or a run "
+                         "directory")
     m, tok, _ = load_base(ModelConfig(path=str(model)))
     m.eval()
     return m, tok
@@ -71,7 +72,8 @@ def build_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) 
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelError("generate --chat: this tokenizer has no chat template; drop --chat to send the "
                          "prompt as raw text")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    messages = (([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": prompt}])
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

@@ -54,7 +54,8 @@ def rope_settings(config: dict, source: str = "config.json") -> dict:
     if kind and kind != "default":
         scaling = {k: v for k, v in full.items() if k not in _NOT_SCALING}
         new["rope_scaling"] = {**scaling, "rope_type": kind, "type": kind}  # mlx-lm reads either key
-    old = {k: config[k] for k in ("rope_theta", "rope_local_base_freq", "partial_rotary_factor", "rope_scaling")
+    old = {k: config[k] for k in ("rope_theta", "rope_local_base_freq", "partial_rotary_factor",
+                                  "rope_scaling")
            if config.get(k) is not None}
     for key, value in new.items():
         if key in old and not _same(old[key], value):

@@ -57,7 +57,8 @@ def resolve_model_path(
         return Path(snapshot_download(path, revision=revision, allow_patterns=patterns or HUB_PATTERNS,
                                       local_files_only=unreachable is not None))
     except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
-        why = f"{unreachable}, and it is not in the local cache" if unreachable else f"{type(e).__name__}: {e}"
+        why = (f"{unreachable}, and it is not in the local cache" if unreachable
+               else f"{type(e).__name__}: {e}")
         raise ModelError(f"model.path: cannot get {path!r} from the Hugging Face hub ({why}); "
                          f"download it once with `hf download {path}` or give a local directory") from None
 

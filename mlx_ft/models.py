@@ -234,7 +234,8 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, get_total_parameters(model)
 
 
-def save_adapter(model, out_dir: str | Path, adapter_config: dict, base_model: str, model_cfg: ModelConfig) -> Path:
+def save_adapter(model, out_dir: str | Path, adapter_config: dict, base_model: str,
+                 model_cfg: ModelConfig) -> Path:
     """Write trainable weights + config to `out_dir`, atomically (temp dir, then rename)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -273,7 +274,8 @@ def load_with_adapter(path: str | Path, base_model: str | None = None):
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     base = base_model or config.get("base_model")
     if not base:
-        raise ModelError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model recorded; pass the base model explicitly")
+        raise ModelError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model recorded; pass the base model "
+                         "explicitly")
     q = config.get("quantize")
     from .recipe import QuantizeConfig
 

@@ -618,13 +618,15 @@ def _check(r: Recipe) -> list[str]:
         allowed = QUANT_MODES.get(q.mode, QUANT_MODES["affine"])
         for key in ("bits", "group_size"):
             ok, found = allowed[key], getattr(q, key)
-            need(found in ok, f"model.quantize.{key}: expected {_either(ok)}, found {found}" if q.mode == "affine"
+            need(found in ok, f"model.quantize.{key}: expected {_either(ok)}, found {found}"
+                 if q.mode == "affine"
                  else f"model.quantize.{key}: mode {q.mode!r} takes {ok[0]}, found {found}; leave it out")
     need(a.rank > 0, f"adapter.rank: must be > 0, found {a.rank}")
     need(a.alpha > 0, f"adapter.alpha: must be > 0, found {a.alpha}")
     need(0 <= a.dropout < 1, f"adapter.dropout: must be in [0, 1), found {a.dropout}")
     if isinstance(a.targets, str):
-        need(a.targets == "all-linear", f"adapter.targets: expected 'all-linear' or a list of module names, found {a.targets!r}; write [\"{a.targets}\"] for one module")
+        need(a.targets == "all-linear", "adapter.targets: expected 'all-linear' or a list of module names, "
+             f"found {a.targets!r}; write [\"{a.targets}\"] for one module")
     else:
         need(len(a.targets) > 0, "adapter.targets: the list is empty; use 'all-linear' or name modules")
     if isinstance(a.layers, str):
@@ -635,12 +637,15 @@ def _check(r: Recipe) -> list[str]:
         p.append("adapter.method: 'full' fine-tuning cannot train a quantized base (model.quantize is set); "
                  "use method = 'lora' or 'dora' for QLoRA, or remove model.quantize")
     trains = [d.train] if isinstance(d.train, str) else d.train
-    need(all(s.strip() for s in trains) and len(trains) > 0, "data.train: must name at least one file, directory or hf:// dataset")
+    need(all(s.strip() for s in trains) and len(trains) > 0,
+         "data.train: must name at least one file, directory or hf:// dataset")
     need(0 <= d.valid_fraction < 1, f"data.valid_fraction: must be in [0, 1), found {d.valid_fraction}")
     if d.valid is not None and d.valid_fraction > 0:
-        p.append("data.valid_fraction: conflicts with data.valid; give a validation file or a fraction, not both")
+        p.append("data.valid_fraction: conflicts with data.valid; give a validation file or a fraction, "
+                 "not both")
     if d.weights is not None:
-        need(len(d.weights) == len(trains), f"data.weights: {len(d.weights)} weights for {len(trains)} train sources; give one per source")
+        need(len(d.weights) == len(trains),
+             f"data.weights: {len(d.weights)} weights for {len(trains)} train sources; give one per source")
         for i, w in enumerate(d.weights):
             need(w > 0, f"data.weights[{i}]: a mixing weight must be > 0, found {w}")
     need(d.max_seq_len >= 8, f"data.max_seq_len: must be >= 8, found {d.max_seq_len}")
@@ -654,7 +659,8 @@ def _check(r: Recipe) -> list[str]:
     need(t.weight_decay >= 0, f"training.weight_decay: must be >= 0, found {t.weight_decay}")
     need(t.warmup_steps >= 0, f"training.warmup_steps: must be >= 0, found {t.warmup_steps}")
     need(0 <= t.min_lr_ratio <= 1, f"training.min_lr_ratio: must be in [0, 1], found {t.min_lr_ratio}")
-    need(t.max_grad_norm >= 0, f"training.max_grad_norm: must be >= 0 (0 = no clipping), found {t.max_grad_norm}")
+    need(t.max_grad_norm >= 0,
+         f"training.max_grad_norm: must be >= 0 (0 = no clipping), found {t.max_grad_norm}")
     need(t.loss_chunk_size >= 0, f"training.loss_chunk_size: must be >= 0, found {t.loss_chunk_size}")
     need(t.report_every >= 1, f"training.report_every: must be >= 1, found {t.report_every}")
     for key in ("eval_every", "eval_batches", "save_every", "early_stopping_patience"):
@@ -663,12 +669,15 @@ def _check(r: Recipe) -> list[str]:
     need(t.keep_checkpoints >= 1, f"training.keep_checkpoints: must be >= 1, found {t.keep_checkpoints}")
     has_valid = d.valid is not None or d.valid_fraction > 0
     if t.early_stopping_patience is not None and not has_valid:
-        p.append("training.early_stopping_patience: needs validation data; set data.valid or data.valid_fraction")
+        p.append("training.early_stopping_patience: needs validation data; set data.valid or "
+                 "data.valid_fraction")
     if t.early_stopping_patience is not None and t.eval_every is None:
-        p.append("training.early_stopping_patience: needs training.eval_every to compare validation losses during the run")
+        p.append("training.early_stopping_patience: needs training.eval_every to compare validation losses "
+                 "during the run")
     p += _objective_problems(r)
     if t.optimizer != "adamw" and t.weight_decay > 0:
-        p.append(f"training.weight_decay: only applies to optimizer 'adamw', but optimizer is {t.optimizer!r}")
+        p.append("training.weight_decay: only applies to optimizer 'adamw', but optimizer is "
+                 f"{t.optimizer!r}")
     need(bool(r.output.dir.strip()), "output.dir: must not be empty")
     if r.export.gguf_type in NEEDS_IMATRIX:  # refused now, not after training
         p.append(needs_imatrix_message("export.gguf_type:", r.export.gguf_type))
@@ -738,7 +747,8 @@ def field_docs(cls) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)):
             docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
 

@@ -59,7 +59,8 @@ def _default(f: dataclasses.Field) -> str:
     if isinstance(value, bool):
         return "`true`" if value else "`false`"
     if isinstance(value, str) and value == "":
-        return "required" if f.name in ("path", "train") else "`runs/<recipe name>`" if f.name == "dir" else '`""`'
+        return ("required" if f.name in ("path", "train")
+                else "`runs/<recipe name>`" if f.name == "dir" else '`""`')
     return f"`{json.dumps(value)}`"
 
 
@@ -76,7 +77,8 @@ def markdown() -> str:
                 "| key | type | default | meaning |", "|---|---|---|---|"]
         docs, hints = field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            out.append(f"| `{f.name}` | {_type(hints[f.name])} | {_default(f)} | {_cell(docs.get(f.name, ''))} |")
+            out.append(f"| `{f.name}` | {_type(hints[f.name])} | {_default(f)} | "
+                       f"{_cell(docs.get(f.name, ''))} |")
             sub = typing.get_args(hints[f.name]) or (hints[f.name],)
             nested = next((a for a in sub if dataclasses.is_dataclass(a)), None)
             if nested is not None:  # e.g. model.quantize = { bits = 4, group_size = 64 }

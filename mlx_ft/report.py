@@ -103,9 +103,11 @@ class Reporter:
         if self.write:
             write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
             self.metrics = os.open(metrics, os.O_WRONLY | os.O_APPEND)
-        self.echo(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / max(n_total, 1):.3f}%)")
+        self.echo(f"trainable parameters: {n_trainable:,} of {n_total:,} "
+                  f"({100 * n_trainable / max(n_total, 1):.3f}%)")
         if stats:
-            self.echo("data: " + ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
+            self.echo("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()
+                                           if not isinstance(v, (dict, list))))
         if resumed_from is not None:
             self.echo(f"resuming from {resumed_from} (step {self.loop.step}, epoch {self.loop.epoch})")
         # A live bar on a terminal or in Jupyter; one plain line per report in logs and pipes.
@@ -192,7 +194,8 @@ class Reporter:
     def initial_eval(self, val_loss: float, metrics: dict | None = None) -> None:
         """The validation loss (and objective's metrics) before the first update (never a "best":
         nothing was trained)."""
-        row = {"step": 0, "val_loss": val_loss, "best": False, **{f"eval_{k}": v for k, v in (metrics or {}).items()}}
+        row = {"step": 0, "val_loss": val_loss, "best": False,
+               **{f"eval_{k}": v for k, v in (metrics or {}).items()}}
         self._write(row)
         shown = "".join(f", {k} {row[f'eval_{k}']:.3f}" for k in _SHORT if f"eval_{k}" in row)
         self.echo(f"step 0: val loss {val_loss:.4f}{shown} (before training)")
@@ -348,7 +351,8 @@ def loss_svg(title: str, series: dict[str, list[tuple[float, float]]], width: in
         if x0 <= v <= x1 and v == int(v):
             parts.append(f'<text x="{X(v):.1f}" y="{top + h + 15}" text-anchor="middle">{int(v)}</text>')
     parts.append(f'<text x="{left + w / 2}" y="{height - 6}" text-anchor="middle">step</text>'
-                 f'<text x="14" y="{top + h / 2}" text-anchor="middle" transform="rotate(-90 14 {top + h / 2})">'
+                 f'<text x="14" y="{top + h / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {top + h / 2})">'
                  f'{html.escape(ylabel)}{" (log scale)" if log else ""}</text>')
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c"]
     for k, (name, ps) in enumerate((n, [p for p in ps if math.isfinite(p[1])]) for n, ps in series.items()):
@@ -360,8 +364,8 @@ def loss_svg(title: str, series: dict[str, list[tuple[float, float]]], width: in
         if k:
             parts += [f'<circle cx="{X(a):.1f}" cy="{Y(b):.1f}" r="3" fill="{c}"/>' for a, b in ps]
         ly = top + 14 + 16 * k
-        parts.append(f'<line x1="{left + w - 110}" x2="{left + w - 90}" y1="{ly - 4}" y2="{ly - 4}" stroke="{c}" '
-                     f'stroke-width="2"/><text x="{left + w - 85}" y="{ly}">{name}</text>')
+        parts.append(f'<line x1="{left + w - 110}" x2="{left + w - 90}" y1="{ly - 4}" y2="{ly - 4}" '
+                     f'stroke="{c}" stroke-width="2"/><text x="{left + w - 85}" y="{ly}">{name}</text>')
     return "\n".join(parts + ["</svg>"]) + "\n"
 
 

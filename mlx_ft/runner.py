@@ -28,7 +28,8 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .atomic import check_writable, clean_leftovers, is_write_failure, storage_error, write_text
 from .errors import CheckpointError, MlxFtError, MlxFtWarning, PlanError, StorageError, TrainingError
-from .ownership import LOCK, MARKER, REFERENCE_FILE, RESOLVED, RunLock, check_not_in_use, clear_run_dir, kind_of, mark
+from .ownership import (LOCK, MARKER, REFERENCE_FILE, RESOLVED, RunLock, check_not_in_use, clear_run_dir,
+                        kind_of, mark)
 from .recipe import Recipe, resolved_toml
 from .report import Callback
 
@@ -113,7 +114,8 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
         write_text(run / RESOLVED, resolved_toml(recipe))
     trackers = trackers_for(recipe, run) if primary else []  # output.report_to
     reporter = Reporter(run, p.total_steps, p.loop, [*callbacks, *trackers], progress and primary,
-                        resumed=p.latest is not None, write=primary, unit=p.splits.stats.get("unit", "tokens"))
+                        resumed=p.latest is not None, write=primary,
+                        unit=p.splits.stats.get("unit", "tokens"))
     reporter.start(recipe, p.n_trainable, p.n_total, p.splits.stats, p.latest)
     if p.world > 1:
         rows = {"pairs": "pairs", "examples": "examples"}.get(p.splits.stats.get("unit"), "rows")
@@ -128,7 +130,8 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
         if not primary:
             return None
         protect = {p.loop.best_step} if p.loop.best_step is not None else set()
-        path = ckpt.save(run, p.model, p.optimizer, p.loop, p.adapter_cfg, p.meta, t.keep_checkpoints, protect)
+        path = ckpt.save(run, p.model, p.optimizer, p.loop, p.adapter_cfg, p.meta, t.keep_checkpoints,
+                         protect)
         reporter.checkpoint(path)
         return path
 
@@ -165,7 +168,8 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
         if recipe.eval.at_end and primary:  # the [eval] table: held-out answers scored
             from .evaluate import run_eval_table
 
-            summary["eval"] = run_eval_table(recipe, result, trackers, echo=print if progress else (lambda _: None))
+            summary["eval"] = run_eval_table(recipe, result, trackers,
+                                             echo=print if progress else (lambda _: None))
             write_text(run / "summary.json", json.dumps(summary, indent=2))
         if recipe.export.to and primary:
             from .export import run_exports
@@ -173,8 +177,8 @@ def _run(recipe: Recipe, p: "_Prepared", callbacks, progress: bool) -> TrainResu
             try:
                 summary["exports"] = [str(path) for path in run_exports(recipe, run)]
             except StorageError as e:  # training is done and kept: say so, not "the run stopped"
-                raise StorageError(f"{e}. Training finished: the adapter is in {adapter_dir}; export it again "
-                                   "with `mlxft fuse` or `mlxft export-adapter`") from None
+                raise StorageError(f"{e}. Training finished: the adapter is in {adapter_dir}; export it "
+                                   "again with `mlxft fuse` or `mlxft export-adapter`") from None
             write_text(run / "summary.json", json.dumps(summary, indent=2))
         failed = False
     finally:  # trackers end with the run
@@ -263,7 +267,8 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
     # of a cold pass are gone before the model takes memory.
     splits, unread = None, None
     try:
-        splits = data.load_datasets(recipe, data.recipe_tokenizer(recipe), progress=echo is print and rank == 0)
+        splits = data.load_datasets(recipe, data.recipe_tokenizer(recipe),
+                                    progress=echo is print and rank == 0)
     except MlxFtError as e:  # reported after the plan, which still says whether the model would fit
         unread = e
     planned = plan_first(recipe, world, force, echo if rank == 0 else (lambda _: None),
@@ -317,8 +322,8 @@ def _prepare(recipe: Recipe, resume: bool, overwrite: bool, force: bool, echo) -
             lock.release()
         raise
     return _Prepared(run, rank, world, model, tokenizer, splits, adapter_cfg, base_ref, loss_fn, optimizer,
-                     total_steps, meta, loop, latest, n_trainable, n_total, planned, lock, finished, objective,
-                     frozen)
+                     total_steps, meta, loop, latest, n_trainable, n_total, planned, lock, finished,
+                     objective, frozen)
 
 
 def _reference_logps(model, bypass: bool, chunk_size: int, exact_head: bool, tokens, segments):
@@ -397,8 +402,9 @@ def plan_first(recipe: Recipe, world: int, force: bool, echo, samples=None) -> d
         return None
     echo(record["verdict"])
     if not record["fits"] and not force:
-        raise TrainingError(f"{record['verdict'].splitlines()[0]}. `mlxft plan RECIPE` shows where the memory goes "
-                            "and what to change; `mlxft run --force` (train(..., force=True)) starts anyway")
+        raise TrainingError(f"{record['verdict'].splitlines()[0]}. `mlxft plan RECIPE` shows where the "
+                            "memory goes and what to change; `mlxft run --force` (train(..., force=True)) "
+                            "starts anyway")
     return {k: v for k, v in record.items() if k != "verdict"}
 
 
@@ -553,8 +559,8 @@ def _init_distributed(timeout: float | None = None):
 
     def give_up():
         print(f"error: process {os.environ.get('MLX_RANK', '?')} could not connect to the other processes of "
-              f"the run within {timeout:.0f} s (MLX_FT_CONNECT_TIMEOUT); one of them failed to start, see its "
-              "error, or the hosts cannot reach each other", file=sys.stderr, flush=True)
+              f"the run within {timeout:.0f} s (MLX_FT_CONNECT_TIMEOUT); one of them failed to start, see "
+              "its error, or the hosts cannot reach each other", file=sys.stderr, flush=True)
         os._exit(2)
 
     watchdog = threading.Timer(timeout, give_up)

@@ -32,7 +32,8 @@ CHATML_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] %}{{ message['content'] }}{% endif %}"
     "{% if message['tool_calls'] is defined and message['tool_calls'] %}"
-    "{% for call in message['tool_calls'] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "{% for call in message['tool_calls'] %}"
+    "<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
     "{% endif %}"
     "<|im_end|>\n"
     "{% endif %}"
@@ -60,9 +61,10 @@ FAMILIES: dict[str, dict] = {
                "query_pre_attn_scalar": lambda c: c["head_dim"]},
     "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "rope_theta": 1000000.0,
                 "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
-    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "rope_theta": 1000000.0,
-                  "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                  "moe_intermediate_size": 64, "norm_topk_prob": True},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                  "rope_theta": 1000000.0, "num_experts": 4, "num_experts_per_tok": 2,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_intermediate_size": 64,
+                  "norm_topk_prob": True},
     "phi3": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "rope_theta": 10000.0,
              "partial_rotary_factor": 1.0, "original_max_position_embeddings": 4096, "sliding_window": None,
              "hidden_act": "silu"},
@@ -74,19 +76,24 @@ FAMILIES: dict[str, dict] = {
     # wrong q/k layout shows in its logits (NMSE 7e-4 instead of 4e-6 at 1/16).
     "granite": {"architectures": ["GraniteForCausalLM"], "model_type": "granite", "rope_theta": 10000.0,
                 "attention_multiplier": 1.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
-                "logits_scaling": 8.0, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True},
+                "logits_scaling": 8.0, "attention_bias": False, "mlp_bias": False,
+                "tie_word_embeddings": True},
     # Qwen1.5-MoE / Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate.
-    "qwen2_moe": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "rope_theta": 1000000.0,
-                  "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+    "qwen2_moe": {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                  "rope_theta": 1000000.0, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 64,
                   "shared_expert_intermediate_size": 96, "decoder_sparse_step": 1, "mlp_only_layers": [],
                   "norm_topk_prob": False},
     # As openai/gpt-oss-20b ships: experts in MXFP4 (written by hf_layout.gpt_oss_native), the
     # rest float; attention sinks, sliding and full attention alternating, biases everywhere.
     "gpt_oss": {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "rope_theta": 150000.0,
                 "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8, "attention_bias": True,
-                "swiglu_limit": 7.0, "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
-                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
-                "layer_types": lambda c: ["sliding_attention", "full_attention"] * (c["num_hidden_layers"] // 2)},
+                "swiglu_limit": 7.0,
+                "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                    "lm_head"]},
+                "layer_types": lambda c: (["sliding_attention", "full_attention"]
+                                          * (c["num_hidden_layers"] // 2))},
 }
 
 

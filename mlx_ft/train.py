@@ -176,8 +176,9 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
                         loop.evals_since_best += 1
                     reporter.eval(val, improved, val_metrics)
                     if t.early_stopping_patience and loop.evals_since_best >= t.early_stopping_patience:
-                        reporter.note(f"early stopping: no better validation loss for {loop.evals_since_best} "
-                                      f"evaluations (best {loop.best_val_loss:.4f} at step {loop.best_step})")
+                        reporter.note("early stopping: no better validation loss for "
+                                      f"{loop.evals_since_best} evaluations (best {loop.best_val_loss:.4f} "
+                                      f"at step {loop.best_step})")
                         break
             if t.save_every and loop.step % t.save_every == 0 and not last:
                 s.save_checkpoint()
@@ -186,14 +187,15 @@ def train_loop(s: Session, t: TrainingConfig, d: DataConfig) -> list[float]:
             if memory_full:
                 path = s.save_checkpoint()
                 raise TrainingError(
-                    f"memory use reached {mx.get_active_memory() / 2**30:.1f} GiB, 95% of this Mac's GPU budget "
-                    f"({guard[0] / 2**30:.1f} GiB), at step {loop.step}; saved {path}. Lower "
+                    f"memory use reached {mx.get_active_memory() / 2**30:.1f} GiB, 95% of this Mac's GPU "
+                    f"budget ({guard[0] / 2**30:.1f} GiB), at step {loop.step}; saved {path}. Lower "
                     "training.batch_size or data.max_seq_len, or turn on training.grad_checkpointing "
                     "(`mlxft plan` shows what fits), then resume with --resume")
             if signalled:
                 path = s.save_checkpoint()
                 raise TrainingError(f"stopped by {stop.name or 'a signal to another process'} at step "
-                                    f"{loop.step}; checkpoint {path}; continue with `mlxft run RECIPE --resume`")
+                                    f"{loop.step}; checkpoint {path}; continue with "
+                                    "`mlxft run RECIPE --resume`")
     except RuntimeError as e:
         # Under mlx.launch, MLX raises from whichever collective is waiting when a peer dies: the
         # step's sync, the stop vote (_agree) or validation's sums; any of them can be the one.
@@ -285,8 +287,9 @@ class _StallGuard:
             limit = max(self.floor, 20 * self.slowest)
             if time.monotonic() - self.last > limit:
                 print(f"error: process {self.rank} of {self.world} made no progress for {limit:.0f} s after "
-                      f"step {self.step}; another process of the run has probably died, see its error. Fix it "
-                      "and resume with --resume (MLX_FT_STALL_TIMEOUT sets the wait)", file=sys.stderr, flush=True)
+                      f"step {self.step}; another process of the run has probably died, see its error. Fix "
+                      "it and resume with --resume (MLX_FT_STALL_TIMEOUT sets the wait)", file=sys.stderr,
+                      flush=True)
                 os._exit(2)
 
     def close(self) -> None:

@@ -130,3 +130,13 @@ def test_the_rules_the_issue_names(stage, forbidden):
     hits = sorted(f"{src} imports {dst}" for src, dsts in graph.items() if _top(src) == stage
                   for dst in dsts if _top(dst) in forbidden)
     assert not hits, hits
+
+
+def test_lines_within_110_characters():
+    """Every line of mlx_ft's sources fits in 110 characters, the width the code is hand-wrapped to:
+    a longer one is a sign of a wrap forgotten, and it reads badly side by side and in review."""
+    long_lines = [f"{path.relative_to(PKG.parent)}:{n}: {len(line)} characters"
+                  for path in sorted(PKG.rglob("*.py"))
+                  for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                  if len(line) > 110]
+    assert not long_lines, "lines longer than 110 characters:\n" + "\n".join(long_lines)

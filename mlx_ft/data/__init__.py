@@ -81,6 +81,6 @@ def collate(samples, plan: Plan, max_seq_len: int, pack: bool, pad_id: int = 0):
     return _module(samples).collate(samples, plan, max_seq_len, pack, pad_id)
 
 
-__all__ = ["Batch", "Pair", "Plan", "Plans", "PrefBatch", "Sample", "Samples", "Splits", "check_records", "collate",
-           "epoch_batches", "item_lengths", "load_datasets", "padding_fraction", "recipe_tokenizer",
-           "record_texts", "valid_records"]
+__all__ = ["Batch", "Pair", "Plan", "Plans", "PrefBatch", "Sample", "Samples", "Splits", "check_records",
+           "collate", "epoch_batches", "item_lengths", "load_datasets", "padding_fraction",
+           "recipe_tokenizer", "record_texts", "valid_records"]

@@ -125,22 +125,25 @@ def normalise(raw: dict, fmt: str, cfg: DataConfig, where: str) -> Record:
             return ""
         if not isinstance(v, str):
             what = "missing" if key not in raw else f"a {type(v).__name__}"
-            raise DataError(f"{where}: a {fmt!r} record needs {expected_keys(fmt, cfg)}, but {key!r} is {what} "
-                            f"(keys found: {_keys(raw)})")
+            raise DataError(f"{where}: a {fmt!r} record needs {expected_keys(fmt, cfg)}, but {key!r} is "
+                            f"{what} (keys found: {_keys(raw)})")
         return v
 
     if fmt in ("chat", "tools"):
         if "messages" not in raw:
-            raise DataError(f"{where}: a {fmt!r} record needs {expected_keys(fmt, cfg)}; keys found: {_keys(raw)}")
+            raise DataError(f"{where}: a {fmt!r} record needs {expected_keys(fmt, cfg)}; keys found: "
+                            f"{_keys(raw)}")
         tools = raw.get("tools")
-        if fmt == "tools" and not (isinstance(tools, list) and tools and all(isinstance(t, dict) for t in tools)):
+        if fmt == "tools" and not (isinstance(tools, list) and tools
+                                   and all(isinstance(t, dict) for t in tools)):
             raise DataError(f"{where}: 'tools' must be a non-empty list of tool schemas (objects), "
                             f"found {_short(tools)}")
         return Record(where, fmt, messages=_check_messages(raw["messages"], where), tools=tools or None)
     if fmt == "sharegpt":
         conv = raw.get("conversations")
         if not isinstance(conv, list):
-            raise DataError(f"{where}: a 'sharegpt' record needs 'conversations' as a list, found {_short(conv)}")
+            raise DataError(f"{where}: a 'sharegpt' record needs 'conversations' as a list, found "
+                            f"{_short(conv)}")
         msgs = []
         for j, turn in enumerate(conv):
             if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -148,8 +151,8 @@ def normalise(raw: dict, fmt: str, cfg: DataConfig, where: str) -> Record:
                                 f"found {_short(turn)}")
             role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
             if role is None:
-                raise DataError(f"{where}: conversations[{j}]: unknown speaker {turn['from']!r}; expected one of "
-                                f"{', '.join(SHAREGPT_ROLES)}")
+                raise DataError(f"{where}: conversations[{j}]: unknown speaker {turn['from']!r}; "
+                                f"expected one of {', '.join(SHAREGPT_ROLES)}")
             msgs.append({"role": role, "content": turn["value"]})
         return Record(where, fmt, messages=_check_messages(msgs, where, "conversations"))
     if fmt == "completions":
@@ -176,15 +179,18 @@ def _check_messages(msgs, where: str, key: str = "messages") -> list[dict]:
         raise DataError(f"{where}: {key!r} is empty; a conversation needs at least one message")
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m:
-            raise DataError(f"{where}: {key}[{j}]: expected {{\"role\": ..., \"content\": ...}}, found {_short(m)}")
+            raise DataError(f"{where}: {key}[{j}]: expected {{\"role\": ..., \"content\": ...}}, "
+                            f"found {_short(m)}")
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: {key}[{j}]: unknown role {m['role']!r}; expected one of {', '.join(ROLES)}")
+            raise DataError(f"{where}: {key}[{j}]: unknown role {m['role']!r}; expected one of "
+                            f"{', '.join(ROLES)}")
         content = m.get("content")
         calls = m.get("tool_calls")
         if content is None and m["role"] == "assistant" and calls:
             continue  # an assistant turn that only calls tools
         if not isinstance(content, str):
-            raise DataError(f"{where}: {key}[{j}] ({m['role']}): 'content' must be a string, found {_short(content)}")
+            raise DataError(f"{where}: {key}[{j}] ({m['role']}): 'content' must be a string, found "
+                            f"{_short(content)}")
     return msgs
 
 

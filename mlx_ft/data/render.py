@@ -243,7 +243,8 @@ def _spans(record: Record, got: dict, k: int, train_on: str) -> tuple[str, list[
             start, ok = end.find(content), bool(content) and content in end
             if not ok:
                 raise DataError(f"{record.where}: the conversation opens with an assistant message without "
-                                "text, which cannot be located in the template; start with a user or system message")
+                                "text, which cannot be located in the template; start with a user or system "
+                                "message")
         if not (ok and full.startswith(end) and start <= len(end)):
             raise DataError(
                 f"{record.where}: the chat template renders the conversation before assistant message {i} "

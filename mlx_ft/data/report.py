@@ -64,7 +64,8 @@ def format_report(report: dict, color: bool = False) -> str:
     cache = report["cache"] + (f", {report['cache_dir']}" if report["cache_dir"] else "")
     out = [f"data of {report['recipe']}", f"cache: {cache}; data stage {report['seconds']:.2f} s", "",
            "sources:"]
-    head = f"  {'source':<40} {'format':<12} {'records':>8} {'usable':>7} {'dropped':>8} {'truncated':>10} {'no-sup':>7} {'weight':>7} {'in epoch':>9}"
+    head = (f"  {'source':<40} {'format':<12} {'records':>8} {'usable':>7} {'dropped':>8} {'truncated':>10} "
+            f"{'no-sup':>7} {'weight':>7} {'in epoch':>9}")
     out.append(head)
     for s in report["sources"]:
         name = s["source"] if len(s["source"]) <= 40 else "..." + s["source"][-37:]
@@ -75,7 +76,8 @@ def format_report(report: dict, color: bool = False) -> str:
     unit = {"pairs": "pairs (2 sequences each)", "examples": "examples (each with a KL sequence)"}.get(
         report.get("unit"), "samples")
     out += ["", f"train: {tr['samples']} {unit}, {tr['tokens']} tokens, {tr['supervised_tokens']} supervised "
-                f"({100 * report['supervised_fraction']:.1f}%), mean length {tr['mean_len']}, max {tr['max_len']}",
+                f"({100 * report['supervised_fraction']:.1f}%), mean length {tr['mean_len']}, "
+                f"max {tr['max_len']}",
             f"       {report['dropped']} dropped (longer than max_seq_len), {report['truncated']} truncated, "
             f"{report['no_supervised']} without supervised tokens"
             + (f", {report['empty_answers']} with empty answers" if "empty_answers" in report else "")
@@ -94,9 +96,10 @@ def format_report(report: dict, color: bool = False) -> str:
         bar = "#" * math.ceil(40 * b["count"] / top) if b["count"] else ""
         out.append(f"  {b['from']:>6}-{b['to']:<6} {b['count']:>7} {bar}")
     bt = report["batching"]
-    out += ["", f"batches: batch_size {bt['batch_size']}, {'packed' if bt['pack'] else 'length-bucketed'} rows of "
-                f"<= {bt['max_seq_len']} tokens: {bt['batches_per_epoch']} batches per epoch, {bt['steps_per_epoch']} "
-                f"steps per epoch (grad_accum {bt['grad_accum']}), {100 * bt['padding_fraction']:.1f}% padding"]
+    out += ["", f"batches: batch_size {bt['batch_size']}, {'packed' if bt['pack'] else 'length-bucketed'} "
+                f"rows of <= {bt['max_seq_len']} tokens: {bt['batches_per_epoch']} batches per epoch, "
+                f"{bt['steps_per_epoch']} steps per epoch (grad_accum {bt['grad_accum']}), "
+                f"{100 * bt['padding_fraction']:.1f}% padding"]
     if report["samples"]:
         legend = "green" if color else "[[inside double brackets]]"
         out += ["", f"rendered samples (supervised tokens {legend}):"]

@@ -60,7 +60,8 @@ def resolve_files(source: str, split: str) -> list[Path]:
                             "check data.train / data.valid")
     if path.is_file():
         if explicit:
-            raise DataError(f"{shown}: ?split= selects files inside a directory or dataset repo, not in one file")
+            raise DataError(f"{shown}: ?split= selects files inside a directory or dataset repo, not in one "
+                            "file")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(EXTENSIONS)
                    and p.name not in METADATA_FILES
@@ -81,9 +82,11 @@ def _select_split(files: list[Path], root: Path, wanted: str, explicit: bool, sh
     if not found and not explicit:
         return files  # no split-named files: the whole directory is one split
     canon = SPLIT_ALIASES.get(wanted.lower(), wanted.lower())
-    chosen = [f for f, ws in words.items() if any(w == wanted.lower() or SPLIT_ALIASES.get(w) == canon for w in ws)]
+    chosen = [f for f, ws in words.items()
+              if any(w == wanted.lower() or SPLIT_ALIASES.get(w) == canon for w in ws)]
     if not chosen:
-        raise DataError(f"{shown}: no files for split {wanted!r}; splits found: {', '.join(found) or 'none'}. "
+        raise DataError(f"{shown}: no files for split {wanted!r}; splits found: "
+                        f"{', '.join(found) or 'none'}. "
                         "Pick one with ?split=NAME or point at a file")
     return chosen
 
@@ -96,7 +99,8 @@ def _download_hf(source: str) -> tuple[Path, str]:
     repo, revision, sub = m.group(1), m.group(2), (m.group(3) or "").strip("/")
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{sub}*", f"{sub}/**"] if sub else [f"*{e}" for e in EXTENSIONS] + [f"**/*{e}" for e in EXTENSIONS]
+    patterns = ([f"{sub}*", f"{sub}/**"] if sub
+                else [f"*{e}" for e in EXTENSIONS] + [f"**/*{e}" for e in EXTENSIONS])
     try:
         root = snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns)
     except Exception as e:  # offline, unknown or gated repo: the user needs the same advice
@@ -248,7 +252,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, object]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow; install it with `pip install pyarrow`") from None
+        raise DataError(f"{path}: reading Parquet needs pyarrow; install it with "
+                        "`pip install pyarrow`") from None
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
         i = 0

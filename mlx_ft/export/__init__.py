@@ -29,8 +29,8 @@ GGUF_TYPES = DIRECT_TYPES  # written by gguf-py directly
 # Every other llama.cpp file type is made by llama.cpp's quantizer from an f16 file (quantize.py).
 LLAMA_QUANTIZE_TYPES = tuple(LLAMA_CPP_TYPES) + tuple(ALIASES)
 
-__all__ = ["fuse", "export_adapter", "run_exports", "check_exports", "FUSE_FORMATS", "ADAPTER_FORMATS", "GGUF_TYPES",
-           "LLAMA_QUANTIZE_TYPES", "DTYPES"]
+__all__ = ["fuse", "export_adapter", "run_exports", "check_exports", "FUSE_FORMATS", "ADAPTER_FORMATS",
+           "GGUF_TYPES", "LLAMA_QUANTIZE_TYPES", "DTYPES"]
 
 
 def _default_out(adapter_dir: Path, what: str) -> Path:
@@ -67,7 +67,8 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
 
     if to not in FUSE_FORMATS:
         raise ExportError(f"--to {to}: fuse writes one of {', '.join(FUSE_FORMATS)}; "
-                          f"for the adapter alone use `mlxft export-adapter --to {'|'.join(ADAPTER_FORMATS)}`")
+                          "for the adapter alone use "
+                          f"`mlxft export-adapter --to {'|'.join(ADAPTER_FORMATS)}`")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     gguf_type = gguf_type.lower()
@@ -81,15 +82,16 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
     if fmt == "gguf":
         if gguf_type not in GGUF_TYPES + LLAMA_QUANTIZE_TYPES:
             raise ExportError(f"--gguf-type {gguf_type}: not a llama.cpp file type; expected one of "
-                              f"{', '.join(GGUF_TYPES)} (written directly) or {', '.join(LLAMA_QUANTIZE_TYPES)} "
+                              f"{', '.join(GGUF_TYPES)} (written directly) or "
+                              f"{', '.join(LLAMA_QUANTIZE_TYPES)} "
                               "(llama.cpp's quantizer); see docs/export.md")
         if gguf_type in LLAMA_QUANTIZE_TYPES:
             from .quantize import check_type
 
             gguf_type = check_type(gguf_type)  # fail before the slow part
         if quantize:
-            raise ExportError(f"--quantize {quantize} applies to --to safetensors (MLX); a GGUF's precision is "
-                              f"--gguf-type (now {gguf_type}), e.g. --gguf-type q8_0 or q4_k_m")
+            raise ExportError(f"--quantize {quantize} applies to --to safetensors (MLX); a GGUF's precision "
+                              f"is --gguf-type (now {gguf_type}), e.g. --gguf-type q8_0 or q4_k_m")
     if quantize not in (None, 4, 8):
         raise ExportError(f"--quantize {quantize}: expected 4 or 8 (bits)")
 
@@ -100,7 +102,8 @@ def fuse(path, to: str = "safetensors", out=None, dtype: str = "bf16", gguf_type
         run_name = (adapter_dir.parent if adapter_dir.name == "adapters" else adapter_dir).name
         out = target(run_name, gguf_type if fmt == "gguf" else None, quantize, lmstudio_dir)
     if out is None:
-        out = _default_out(adapter_dir, "safetensors" if to == "safetensors" else f"gguf/model-{gguf_type}.gguf")
+        out = _default_out(adapter_dir,
+                           "safetensors" if to == "safetensors" else f"gguf/model-{gguf_type}.gguf")
     out = Path(out).expanduser()
     if fmt == "gguf" and out.suffix != ".gguf":
         out = out / f"model-{gguf_type}.gguf"  # --out names a directory
@@ -190,8 +193,8 @@ def export_adapter(path, to: str = "peft", out=None, overwrite: bool = False, wi
         raise ExportError(f"--to {to}: export-adapter writes one of {', '.join(ADAPTER_FORMATS)}; "
                           "for a merged model use `mlxft fuse`")
     if gguf_pre and not with_base:
-        raise ExportError(f"--gguf-pre {gguf_pre} applies with --with-base (the base GGUF carries the tokenizer; "
-                          "the adapter GGUF has none)")
+        raise ExportError(f"--gguf-pre {gguf_pre} applies with --with-base (the base GGUF carries the "
+                          "tokenizer; the adapter GGUF has none)")
     adapter_dir = find_adapter_dir(Path(path).expanduser())
     out = (Path(out).expanduser() if out is not None
            else _default_out(adapter_dir, "peft" if to == "peft" else "gguf-lora/adapter.gguf"))
@@ -236,7 +239,8 @@ def _write_base_gguf(adapted, adapter_gguf: Path, gguf_type: str, pre: str | Non
     from .ollama import write_modelfile
 
     q = adapted.config.get("quantize")
-    base, _, _ = load_base(ModelConfig(path=str(adapted.base_dir), quantize=QuantizeConfig(**q) if q else None))
+    base, _, _ = load_base(ModelConfig(path=str(adapted.base_dir),
+                                       quantize=QuantizeConfig(**q) if q else None))
     dequantize_model(base)
     out = adapter_gguf.parent / f"base-{gguf_type}.gguf"
     hf_tok = _hf_tokenizer(adapted)
@@ -260,15 +264,17 @@ def run_exports(recipe, run_dir) -> list[Path]:
     done = []
     for fmt in cfg.to:
         if fmt == "safetensors":
-            done.append(fuse(run_dir, "safetensors", run_dir / "export" / "safetensors", dtype=cfg.dtype, overwrite=True))
+            done.append(fuse(run_dir, "safetensors", run_dir / "export" / "safetensors", dtype=cfg.dtype,
+                             overwrite=True))
         elif fmt == "gguf":
             done.append(fuse(run_dir, "gguf", run_dir / "export" / "gguf" / f"model-{cfg.gguf_type}.gguf",
                              gguf_type=cfg.gguf_type, overwrite=True, gguf_pre=cfg.gguf_pre))
         elif fmt == "peft":
             done.append(export_adapter(run_dir, "peft", run_dir / "export" / "peft", overwrite=True))
         elif fmt == "gguf-lora":
-            done.append(export_adapter(run_dir, "gguf-lora", run_dir / "export" / "gguf-lora" / "adapter.gguf",
-                                       overwrite=True))
+            done.append(export_adapter(run_dir, "gguf-lora",
+                                       run_dir / "export" / "gguf-lora" / "adapter.gguf", overwrite=True))
         else:  # the recipe loader already rejects this; kept for dict-built recipes
-            raise ExportError(f"export.to: unknown format {fmt!r}; known: {', '.join(FUSE_FORMATS + ADAPTER_FORMATS)}")
+            raise ExportError(f"export.to: unknown format {fmt!r}; known: "
+                              f"{', '.join(FUSE_FORMATS + ADAPTER_FORMATS)}")
     return done

@@ -88,7 +88,8 @@ def _granite_hparams(w, c):
     w.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"])
     w.add_vocab_size(c["vocab_size"])
     # HF's *_multiplier settings under llama.cpp's *_scale names, as the converter writes them
-    for key, add in (("attention_multiplier", w.add_attention_scale), ("embedding_multiplier", w.add_embedding_scale),
+    for key, add in (("attention_multiplier", w.add_attention_scale),
+                     ("embedding_multiplier", w.add_embedding_scale),
                      ("residual_multiplier", w.add_residual_scale), ("logits_scaling", w.add_logit_scale)):
         if c.get(key):
             add(c[key])
@@ -246,7 +247,8 @@ def _gguf_tensors(model, c: dict, fam: Family):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper().replace("-", "_")], c["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper().replace("-", "_")],
+                                    c["num_hidden_layers"])
     unmapped = []
     freqs = llama3_rope_freqs(c) if fam.arch == "llama" else None
     if freqs is not None:

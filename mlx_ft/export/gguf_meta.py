@@ -98,7 +98,8 @@ def read_meta(path: str | Path, tensors: bool = True) -> Meta:
             pos = end
         infos = []
         if tensors:
-            align = fields["general.alignment"].value() if "general.alignment" in fields else gguf.GGUF_DEFAULT_ALIGNMENT
+            align = (fields["general.alignment"].value() if "general.alignment" in fields
+                     else gguf.GGUF_DEFAULT_ALIGNMENT)
             table = []
             for _ in range(n_tensors):
                 name, pos = _decode(STRING, buf, pos)

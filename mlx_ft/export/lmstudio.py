@@ -31,4 +31,5 @@ def how_to_load(path: Path) -> str:
     key = f"{path.parent.parent.name}/{path.parent.name}" if path.suffix == ".gguf" else \
         f"{path.parent.name}/{path.name}"
     return (f"LM Studio lists it as {key} (My Models); load it there, or from a terminal with "
-            f"`lms load {key}`" + ("" if path.suffix == ".gguf" else " (MLX format: LM Studio on Apple Silicon)"))
+            f"`lms load {key}`" + ("" if path.suffix == ".gguf"
+                                   else " (MLX format: LM Studio on Apple Silicon)"))

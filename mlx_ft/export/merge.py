@@ -50,7 +50,8 @@ def load_adapted(path: str | Path, base_model: str | None = None) -> Adapted:
         raise ExportError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model recorded; "
                           "add \"base_model\": \"<dir or hub id>\" to it")
     q = config.get("quantize")
-    model, tokenizer, base_dir = load_base(ModelConfig(path=base, quantize=QuantizeConfig(**q) if q else None))
+    model, tokenizer, base_dir = load_base(ModelConfig(path=base,
+                                                       quantize=QuantizeConfig(**q) if q else None))
     problems: list[str] = []
     try:
         load_adapters(model, str(adapter_dir))
@@ -61,12 +62,14 @@ def load_adapted(path: str | Path, base_model: str | None = None) -> Adapted:
     if config.get("fine_tune_type", "lora") != "full" and not problems:
         saved = mx.load(str(adapter_dir / ADAPTER_WEIGHTS))
         expected = [n for n, _ in tree_flatten(model.parameters()) if n.rsplit(".", 1)[-1] in ADAPTER_LEAVES]
-        problems += [f"{n}: in the model but missing from {ADAPTER_WEIGHTS}" for n in expected if n not in saved]
+        problems += [f"{n}: in the model but missing from {ADAPTER_WEIGHTS}"
+                     for n in expected if n not in saved]
     if problems:
         raise ExportError(f"the adapter at {adapter_dir} does not fit the base {base} "
                           f"({len(problems)} tensor{'s' if len(problems) != 1 else ''}):\n"
                           + "\n".join(f"  - {p}" for p in problems)
-                          + "\nexport with the base the adapter was trained on (base_model in adapter_config.json)")
+                          + "\nexport with the base the adapter was trained on "
+                            "(base_model in adapter_config.json)")
     model.eval()
     return Adapted(model, tokenizer, config, adapter_dir, Path(base_dir))
 

@@ -119,7 +119,8 @@ def derive(render_jinja: Callable[[list[dict]], str], bos: str | None = None,
     Raises:
         NotATable: the template cannot be written as an Ollama TEMPLATE; the reason.
     """
-    u, a, s = (lambda i: _probe("user", i)), (lambda i: _probe("assistant", i)), (lambda i: _probe("system", i))
+    u, a, s = ((lambda i: _probe("user", i)), (lambda i: _probe("assistant", i)),
+               (lambda i: _probe("system", i)))
 
     def pieces(msgs):
         try:
@@ -157,7 +158,8 @@ def derive(render_jinja: Callable[[list[dict]], str], bos: str | None = None,
             continue
         want = want[len(bos):] if bos and want.startswith(bos) else want
         if render(fmt, msgs) != want:
-            raise NotATable(f"the table does not reproduce a conversation of roles {[m['role'] for m in msgs]}")
+            raise NotATable("the table does not reproduce a conversation of roles "
+                            f"{[m['role'] for m in msgs]}")
     return fmt
 
 

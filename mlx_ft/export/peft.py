@@ -47,11 +47,13 @@ def write_peft(adapted, out: Path) -> Path:
         if layer:
             layers.add(int(layer.group(1)))
     if refused:
-        raise ExportError("PEFT export supports LoRA/DoRA on linear layers only; cannot export: " + ", ".join(refused))
+        raise ExportError("PEFT export supports LoRA/DoRA on linear layers only; cannot export: "
+                          + ", ".join(refused))
     if not modules:
         raise ExportError(f"{adapted.adapter_dir}: no LoRA layers found in the adapter")
     if len(scales) != 1:
-        raise ExportError(f"adapter layers have different scales or ranks {sorted(scales)}; not expressible as one PEFT config")
+        raise ExportError(f"adapter layers have different scales or ranks {sorted(scales)}; not expressible "
+                          "as one PEFT config")
     scale, rank = scales.pop()
     lp = adapted.config.get("lora_parameters", {})
     config = {

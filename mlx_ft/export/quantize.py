@@ -54,7 +54,8 @@ def quantize_gguf(src: Path, out: Path, gguf_type: str) -> Path:
     exe = shutil.which("llama-quantize")
     with atomic_file(out) as tmp:
         if exe:
-            proc = subprocess.run([exe, str(src), str(tmp), gguf_type.upper()], capture_output=True, text=True)
+            proc = subprocess.run([exe, str(src), str(tmp), gguf_type.upper()], capture_output=True,
+                                  text=True)
             if proc.returncode != 0:
                 tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-5:])
                 raise ExportError(f"llama-quantize failed ({proc.returncode}) making {out}:\n{tail}")
@@ -81,7 +82,8 @@ def _quantize_in_process(src: Path, tmp: Path, gguf_type: str, out: Path) -> Non
     try:
         # A thread, so that Ctrl-C still reaches Python while llama.cpp works.
         worker = threading.Thread(target=lambda: result.append(
-            llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))), daemon=True)
+            llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))),
+            daemon=True)
         worker.start()
         while worker.is_alive():
             worker.join(0.2)

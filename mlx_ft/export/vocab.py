@@ -40,7 +40,8 @@ PRE_DEFINITIONS = {
 }
 
 
-_LOOKS_SPECIAL = re.compile(r"^(<\|.*\|>|<unused\d+>|<pad>|<mask>|<s>|</s>|<unk>|<start_of_turn>|<end_of_turn>)$")
+_LOOKS_SPECIAL = re.compile(r"^(<\|.*\|>|<unused\d+>|<pad>|<mask>|<s>|</s>|<unk>|"
+                            r"<start_of_turn>|<end_of_turn>)$")
 
 
 def add_vocab(writer, base_dir: Path, tokenizer, n_vocab: int, pre: str | None = None) -> str:
@@ -65,7 +66,8 @@ def add_vocab(writer, base_dir: Path, tokenizer, n_vocab: int, pre: str | None =
                           "a GGUF needs the tokenizer, copy the base model's tokenizer files there")
     special = gguf.SpecialVocab(base_dir, load_merges=kind == "bpe", n_vocab=n_vocab)
     if kind == "bpe" and not special.merges:
-        raise ExportError(f"{base_dir}/tokenizer.json: BPE tokenizer without merges; llama.cpp cannot load it")
+        raise ExportError(f"{base_dir}/tokenizer.json: BPE tokenizer without merges; llama.cpp cannot "
+                          "load it")
     if kind == "bpe":
         _add_flags_as_converter(special, base_dir)
     special.add_to_gguf(writer, quiet=True)
@@ -100,8 +102,8 @@ def bpe_pre_name(hf_tok, tokenizer_json: dict, source: str, override: str | None
         return known["pre"]
     if override:
         if override not in names:
-            raise ExportError(f"--gguf-pre {override}: not a pre-tokenizer llama.cpp's converter names; one of "
-                              + ", ".join(names))
+            raise ExportError(f"--gguf-pre {override}: not a pre-tokenizer llama.cpp's converter names; "
+                              "one of " + ", ".join(names))
         return override
     definition = {k: tokenizer_json.get(k) for k in ("normalizer", "pre_tokenizer")}
     same = [name for name, d in PRE_DEFINITIONS.items() if _canonical(d) == _canonical(definition)]
@@ -124,7 +126,8 @@ def _add_bpe(writer, base_dir: Path, hf_tok, n_vocab: int, pre: str | None) -> N
     # The tokenizer as transformers (and so mlx-lm, in training) builds it, which is not always the
     # file: transformers 5 rebuilds e.g. Qwen2's pre-tokenizer from its class whatever the file says.
     backend = getattr(hf_tok, "backend_tokenizer", None)
-    tj = json.loads(backend.to_str()) if backend is not None else json.loads((base_dir / "tokenizer.json").read_text())
+    tj = (json.loads(backend.to_str()) if backend is not None
+          else json.loads((base_dir / "tokenizer.json").read_text()))
     if tj.get("model", {}).get("type") != "BPE":
         raise ExportError(f"{base_dir}/tokenizer.json: model type {tj.get('model', {}).get('type')!r} is not "
                           "supported for GGUF (only byte-level BPE, or SentencePiece with tokenizer.model)")
@@ -175,7 +178,8 @@ def _add_sentencepiece(writer, base_dir: Path, hf_tok, n_vocab: int) -> None:
             continue
         while len(tokens) <= i:
             tokens.append(f"[PAD{len(tokens)}]"); scores.append(-1000.0); types.append(gguf.TokenType.UNUSED)
-        if types[i] in (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.BYTE) and tokens[i] == tok.content:
+        if (types[i] in (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.BYTE)
+                and tokens[i] == tok.content):
             continue
         tokens[i], scores[i] = tok.content, -1000.0
         types[i] = gguf.TokenType.CONTROL if tok.special else gguf.TokenType.USER_DEFINED

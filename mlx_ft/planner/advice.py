@@ -64,12 +64,15 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
         ckpt = replace(st, grad_checkpointing=True)
         slower = flops_per_token(shape, ckpt) / flops_per_token(shape, st) - 1
         add("training.grad_checkpointing", True, "training.grad_checkpointing = true",
-            f"~{slower:.0%} more time per epoch, each adapted block runs forward twice; trains the same", ckpt)
+            f"~{slower:.0%} more time per epoch, each adapted block runs forward twice; trains the same",
+            ckpt)
     fitting_b = next((b for b in _batches(st)[1:] if required(replace(st, batch_size=b)) <= budget), None)
     if fitting_b:
         accum = st.batch_size * st.grad_accum // fitting_b
-        add("training.batch_size", fitting_b, f"training.batch_size = {fitting_b} with training.grad_accum = {accum}",
-            "the same tokens per optimizer step; smaller matmuls run somewhat slower", replace(st, batch_size=fitting_b))
+        add("training.batch_size", fitting_b,
+            f"training.batch_size = {fitting_b} with training.grad_accum = {accum}",
+            "the same tokens per optimizer step; smaller matmuls run somewhat slower",
+            replace(st, batch_size=fitting_b))
     if not any(s["fits"] for s in out):  # both together still train the same, only slower
         _together(st, shape, budget, required, add, qlora=False)
     need_now = required(st)
@@ -79,13 +82,15 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
                     "peak_bytes": need_now, "fits": True, "text": cmd,
                     "cost": "nothing about the training; macOS and other apps get less memory"})
     if st.method != "full" and not (st.quant_bits or shape.quantized_bits):
-        add("model.quantize", {"bits": 4, "group_size": 64}, "QLoRA: model.quantize = { bits = 4, group_size = 64 }",
+        add("model.quantize", {"bits": 4, "group_size": 64},
+            "QLoRA: model.quantize = { bits = 4, group_size = 64 }",
             "the adapter learns against a 4-bit copy of the base (fuse dequantizes it)",
             replace(st, quant_bits=4, quant_group=64, quant_mode="affine"))
     if not any(s["fits"] for s in out if s["change"] != "iogpu.wired_limit_mb"):
         _together(st, shape, budget, required, add, qlora=True)
     if st.method == "full":
-        no_copy = " (the reference is then the base with the adapters off: no copy)" if st.reference == "copy" else ""
+        no_copy = (" (the reference is then the base with the adapters off: no copy)"
+                   if st.reference == "copy" else "")
         add("adapter.method", "lora", f"adapter.method = 'lora' instead of full fine-tuning{no_copy}",
             "trains low-rank adapters, not every weight",
             replace(st, method="lora", reference="bypass" if st.reference == "copy" else st.reference))
@@ -98,8 +103,8 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
     last_resort: list[tuple] = []
     L = _largest(lambda n: required(replace(st, seq_len=n - 1)) <= budget, 32, st.seq_len)
     if L:
-        cut = (f"{batches.longer_than(L):,} of {batches.samples:,} samples are longer: truncated, or dropped with "
-               "data.truncation = 'drop'" if batches else "longer samples are truncated, or dropped")
+        cut = (f"{batches.longer_than(L):,} of {batches.samples:,} samples are longer: truncated, or dropped "
+               "with data.truncation = 'drop'" if batches else "longer samples are truncated, or dropped")
         item = ("data.max_seq_len", L, f"data.max_seq_len = {L}", cut, replace(st, seq_len=L - 1))
         if L < min(256, (st.seq_len + 1) // 4):
             last_resort.append(item)
@@ -125,7 +130,8 @@ def suggest(shape: ModelShape, st: Settings, mach: Machine, current: Estimate | 
 
 def _priced(required, budget: int, key: str, value, text: str, cost: str, new: Settings) -> dict:
     need = required(new)
-    return {"change": key, "value": value, "peak_bytes": need, "fits": need <= budget, "text": text, "cost": cost}
+    return {"change": key, "value": value, "peak_bytes": need, "fits": need <= budget, "text": text,
+            "cost": cost}
 
 
 def _together(st: Settings, shape: ModelShape, budget: int, required, add, qlora: bool,
@@ -154,7 +160,8 @@ def _together(st: Settings, shape: ModelShape, budget: int, required, add, qlora
     if L <= st.seq_len:
         parts.append(f"max_seq_len = {L}")
     costs = ["more time per epoch"] + ["a 4-bit base"] * qlora + ["shorter rows"] * (L <= st.seq_len)
-    add("combined", {"grad_checkpointing": True, "quant_bits": combo.quant_bits, "batch_size": b, "max_seq_len": L},
+    add("combined", {"grad_checkpointing": True, "quant_bits": combo.quant_bits, "batch_size": b,
+                     "max_seq_len": L},
         "together: " + ", ".join(parts), "costs: " + ", ".join(costs), combo)
 
 

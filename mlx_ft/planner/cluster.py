@@ -35,8 +35,9 @@ def cluster_estimate(nodes: int, link: str, step_seconds: float, gradient_bytes:
 
 
 def cluster_text(c: dict) -> str:
-    return (f"{c['nodes']} Macs over {c['link']}: {c['gradient_bytes'] / 2**20:,.0f} MiB of gradients per step, "
-            f"all-reduce ~{c['allreduce_seconds'] * 1e3:,.0f} ms at ~{c['link_bytes_per_sec'] / 1e9:.1f} GB/s; "
+    return (f"{c['nodes']} Macs over {c['link']}: {c['gradient_bytes'] / 2**20:,.0f} MiB of gradients per "
+            f"step, all-reduce ~{c['allreduce_seconds'] * 1e3:,.0f} ms at "
+            f"~{c['link_bytes_per_sec'] / 1e9:.1f} GB/s; "
             f"step {c['step_seconds_one_node']:.2f} s on one -> {c['step_seconds']:.2f} s: "
             f"speed-up ~{c['speedup']:.2f}x (memory per node as above)\n"
             "  = compute / (compute / N + 2 (N-1)/N x gradient bytes / bandwidth + 2 (N-1) x latency)")

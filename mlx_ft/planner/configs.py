@@ -44,7 +44,8 @@ class ModelShape:
     """Modules a pre-quantized checkpoint keeps in float, as patterns (Hugging Face's
     `modules_to_not_convert`: gpt-oss quantizes only its experts)."""
     quantized_paths: tuple[tuple[str, int, int, str], ...] = ()
-    """Per-module (path, bits, group, mode) of an MLX checkpoint whose config names some (routers at 8 bits)."""
+    """Per-module (path, bits, group, mode) of an MLX checkpoint whose config names some
+    (routers at 8 bits)."""
     source: str = ""
     experts: int = 0
     """Routed experts per mixture-of-experts block (0: a dense model)."""
@@ -124,7 +125,8 @@ class ModelShape:
         for where, bits, group, mode in self.quantized_paths:
             if where == path:
                 return bits, group, mode
-        if any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in self.float_modules):
+        if any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*")
+               for p in self.float_modules):
             return None
         return self.quantized_bits, self.quantized_group_size or 64, self.quantized_mode
 
@@ -200,7 +202,8 @@ def _quantization(cfg: dict) -> dict:
     hf = cfg.get("quantization_config") or {}
     native = {"mxfp4": (4, 32), "mxfp8": (8, 32)}.get(hf.get("quant_method"))
     if native:
-        return dict(quantized_bits=native[0], quantized_group_size=native[1], quantized_mode=hf["quant_method"],
+        return dict(quantized_bits=native[0], quantized_group_size=native[1],
+                    quantized_mode=hf["quant_method"],
                     float_modules=tuple(hf.get("modules_to_not_convert") or ()))
     if hf.get("bits"):  # an MLX config that spells it quantization_config only
         return dict(quantized_bits=int(hf["bits"]), quantized_group_size=int(hf.get("group_size") or 64),
@@ -252,7 +255,8 @@ def load_shape(model: str, revision: str | None = None) -> ModelShape:
         if kw is None:
             raise PlanError(f"unknown builtin model {model!r}; known: "
                             + ", ".join("builtin:" + n for n in tiny.BUILTIN_MODELS))
-        cfg = {**tiny.FAMILIES[kw["family"]], "hidden_size": kw["hidden_size"], "num_hidden_layers": kw["num_layers"],
+        cfg = {**tiny.FAMILIES[kw["family"]], "hidden_size": kw["hidden_size"],
+               "num_hidden_layers": kw["num_layers"],
                "num_attention_heads": kw["num_heads"], "num_key_value_heads": kw["num_kv_heads"],
                "intermediate_size": kw["intermediate_size"], "vocab_size": kw["vocab_size"],
                "tie_word_embeddings": False, "torch_dtype": "float32"}
@@ -274,7 +278,8 @@ def _from_hub(model: str, revision: str | None) -> ModelShape:
 
     unreachable = hub_unreachable()  # fail at once offline: no retries with back-off
     try:
-        path = hf_hub_download(model, "config.json", revision=revision, local_files_only=unreachable is not None)
+        path = hf_hub_download(model, "config.json", revision=revision,
+                               local_files_only=unreachable is not None)
     except Exception as e:  # offline, unknown or gated repo
         why = (f"{unreachable}, and it is not in the local cache" if unreachable
                else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

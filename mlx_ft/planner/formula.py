@@ -83,7 +83,8 @@ gradient. Measured on full fine-tunes with short rows, where the update is the p
 (docs/planner.md, MoE section: llama-256-f32 at 64 tokens, a qwen3_moe block at 256)."""
 # Which tensor feeds each linear: q/k/v share the first norm's output, gate/up the second's.
 _INPUT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
-             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid", "gate": "mlp_in", "router": "mlp_in"}
+             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid", "gate": "mlp_in",
+             "router": "mlp_in"}
 
 
 def moe_bytes_per_token(shape: ModelShape, layer: int | None = None) -> float:
@@ -123,7 +124,8 @@ def activation_bytes_per_token(shape: ModelShape, st: Settings, layer: int | Non
         return int(base + s * sum(experts.values())), 0
     extra = 4 * st.rank * sum(shape.copies(m, active=True) for m in mods) + 4 * sum(experts.values())
     if s != 4:
-        inputs = {_INPUT_OF[m.rsplit(".", 1)[-1]]: dims[0] for m, dims in mods.items() if shape.copies(m) == 1}
+        inputs = {_INPUT_OF[m.rsplit(".", 1)[-1]]: dims[0] for m, dims in mods.items()
+                  if shape.copies(m) == 1}
         extra += 4 * sum(inputs.values())
     if st.method == "dora":
         extra += s * sum(o for _, o in mods.values())
@@ -202,9 +204,9 @@ def estimate(shape: ModelShape, st: Settings) -> Estimate:
         router_frozen = not any(shape.router(m) for layer in span for m in adapted_modules(shape, st, layer))
         if st.grad_checkpointing and router_frozen and (st.quant_bits or shape.quantized_bits):
             # docs/planner.md, MoE rows 60, 69, 70: MLX's tape order, not a tensor the model misses
-            notes.append("a quantized MoE with checkpointing and a frozen router measured up to 15 % above this "
-                         "estimate on tiny models (MLX's evaluation order; docs/planner.md): keep that margin, or "
-                         "check with --probe")
+            notes.append("a quantized MoE with checkpointing and a frozen router measured up to 15 % above "
+                         "this estimate on tiny models (MLX's evaluation order; docs/planner.md): keep that "
+                         "margin, or check with --probe")
     # The loss runs before the backward pass through the blocks: at the block phase's peak a share of
     # the loss is alive, and a share of the block phase on top of what the loss holds at its end.
     phases = max(logits, loss_end + PHASE_OVERLAP * block_phase, block_phase + PHASE_OVERLAP * logits)
@@ -251,7 +253,8 @@ def _preference(shape: ModelShape, st: Settings) -> Estimate:
 
 def update_floor(shape: ModelShape, st: Settings) -> int:
     """The formula's peak when the optimizer update is its largest phase (in practice full
-    fine-tuning with short rows), else 0. The replayed step measured 13-18 % below real runs there (something held
-    between steps that one step's graph does not show; grid rows 72-74), so this is its floor."""
+    fine-tuning with short rows), else 0. The replayed step measured 13-18 % below real runs there
+    (something held between steps that one step's graph does not show; grid rows 72-74), so this is its
+    floor."""
     f = estimate(shape, st)
     return f.peak_bytes if f.breakdown.get("optimizer update", 0) else 0

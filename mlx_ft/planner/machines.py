@@ -105,7 +105,8 @@ def get_machine(name: str = "auto", budget_gb: float | None = None) -> Machine:
             close = difflib.get_close_matches(name, list(by_name), n=3)
             did = f"did you mean {', '.join(close)}? " if close else ""
             raise PlanError(f"--machine: unknown machine {name!r}; {did}known machines: "
-                            f"{', '.join(by_name)} (or `auto`); `mlxft machines` shows them with their budgets")
+                            f"{', '.join(by_name)} (or `auto`); `mlxft machines` shows them with their "
+                            "budgets")
         m = by_name[name]
     if budget_gb is not None:
         m = replace(m, budget_bytes=int(budget_gb * GIB), budget_source="--budget-gb")
@@ -162,7 +163,7 @@ def sysctl_advice(machine: Machine, required_bytes: int) -> str | None:
         return None
     mb = -(-required_bytes // MIB)
     mb = max(mb, machine.budget_bytes // MIB + 1)
-    return (f"sudo sysctl iogpu.wired_limit_mb={mb}  # raises the GPU budget to {mb / 1024:.1f} GiB until reboot; "
-            f"leaves macOS and other apps {(machine.memory_bytes - mb * MIB) / GIB:.1f} GiB of "
-            f"{machine.memory_bytes / GIB:.0f} GiB; if they need more, macOS swaps (slow) or kills processes. "
-            "Undo with `sudo sysctl iogpu.wired_limit_mb=0`.")
+    return (f"sudo sysctl iogpu.wired_limit_mb={mb}  # raises the GPU budget to {mb / 1024:.1f} GiB until "
+            f"reboot; leaves macOS and other apps {(machine.memory_bytes - mb * MIB) / GIB:.1f} GiB of "
+            f"{machine.memory_bytes / GIB:.0f} GiB; if they need more, macOS swaps (slow) or kills "
+            "processes. Undo with `sudo sysctl iogpu.wired_limit_mb=0`.")

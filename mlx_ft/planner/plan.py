@@ -76,7 +76,8 @@ def run_batches(recipe, samples) -> RunBatches:
     positions = sum(b * w for b, w in shapes)
     return RunBatches(rows=max(b for b, _ in shapes), width=max(w for _, w in shapes), batches=len(plans),
                       positions=positions, attention_width=sum(b * w * w for b, w in shapes) / positions,
-                      tokens=int(lengths.sum()), samples=len(samples), longest=int(lengths.max()), lengths=lengths)
+                      tokens=int(lengths.sum()), samples=len(samples), longest=int(lengths.max()),
+                      lengths=lengths)
 
 
 def read_run_batches(recipe) -> tuple[RunBatches | None, str]:
@@ -168,7 +169,8 @@ class Plan:
             "tokens_per_epoch": self.tokens_per_epoch, "tokens_source": self.tokens_source,
             "flops_per_token": self.flops_per_token, "tflops": self.tflops,
             "matmul_tflops": m.matmul_tflops, "efficiency": EFFICIENCY,
-            "seconds_per_epoch": self.seconds_per_epoch, "seconds_per_epoch_high": self.seconds_per_epoch_high,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "seconds_per_epoch_high": self.seconds_per_epoch_high,
             "notes": self.estimate.notes,
             "memory_model": self.estimate.memory_model,
             "calibration": self.calibration,
@@ -187,7 +189,8 @@ class Plan:
         if nodes < 2:
             return self
         if self.seconds_per_epoch is None or not self.tokens_per_epoch:
-            raise PlanError("--nodes needs a time estimate: give --tokens N (or a recipe whose data can be counted)")
+            raise PlanError("--nodes needs a time estimate: give --tokens N (or a recipe whose data can be "
+                            "counted)")
         st = self.settings
         step_tokens = st.rows * st.grad_accum * (st.seq_len + 1)
         step_seconds = self.seconds_per_epoch * step_tokens / self.tokens_per_epoch
@@ -227,7 +230,8 @@ def predict(shape: ModelShape, st: Settings, memory_model: str = "auto") -> Esti
         return cached(shape.config, st, lambda: replay_estimate(shape, st))
     except Exception as e:  # TraceError, or anything tracing an untested architecture/backend raises
         if memory_model == "replay":
-            raise PlanError(f"--memory-model replay: cannot trace this step: {type(e).__name__}: {e}") from None
+            raise PlanError(f"--memory-model replay: cannot trace this step: {type(e).__name__}: "
+                            f"{e}") from None
         est = estimate(shape, st)
         why = str(e).splitlines()[0][:160] if str(e) else ""
         est.notes.append(f"peak from the formula: the step could not be traced ({type(e).__name__}: {why})")
@@ -306,9 +310,11 @@ def preflight(recipe, world: int = 1, samples=None) -> dict:
     fits = need <= budget
     how = "fits" if fits else "DOES NOT FIT"
     shape_text = (f"batches up to {st.batch_size} x {st.seq_len + 1} tokens" if batches else
-                  f"every batch {st.batch_size} x {st.seq_len + 1} tokens (max_seq_len; the data was not read)")
+                  f"every batch {st.batch_size} x {st.seq_len + 1} tokens (max_seq_len; the data was not "
+                  "read)")
     lines = [f"plan: peak {gib(need)} of a {gib(budget)} budget on {mach.name}: {how} "
-             f"({abs(budget - need) / budget:.0%} {'to spare' if fits else 'over'}; {shape_text}; {est.memory_model})"]
+             f"({abs(budget - need) / budget:.0%} {'to spare' if fits else 'over'}; {shape_text}; "
+             f"{est.memory_model})"]
     worst_need = None
     if st != worst:
         worst_need = predict(shape, worst).required_bytes
@@ -319,7 +325,8 @@ def preflight(recipe, world: int = 1, samples=None) -> dict:
         lines.append(f"plan: it counts a frozen reference copy of the trained weights ({gib(copy)}) that "
                      f"training.objective = {st.objective!r} needs with adapter.method = 'full': "
                      "training.precompute_reference = true or adapter.method = 'lora' avoids it")
-    return {"verdict": "\n".join(lines), "fits": fits, "planned_peak_bytes": est.peak_bytes, "required_bytes": need,
+    return {"verdict": "\n".join(lines), "fits": fits, "planned_peak_bytes": est.peak_bytes,
+            "required_bytes": need,
             "budget_bytes": budget, "machine": mach.name, "memory_model": est.memory_model,
             "batch": [st.batch_size, st.seq_len + 1], "worst_case_bytes": worst_need,
             "worst_case_fits": None if worst_need is None else worst_need <= budget}
@@ -334,18 +341,21 @@ def check_settings(shape: ModelShape, st: Settings) -> None:
         problems.append(f"rank {st.rank} is larger than the hidden size {shape.hidden} of {shape.name}; "
                         f"use a rank well below it (8-64 is typical)")
     if st.layers is not None and not 1 <= st.layers <= shape.layers:
-        problems.append(f"layers {st.layers}: the model has {shape.layers} blocks; use 1..{shape.layers} or all")
+        problems.append(f"layers {st.layers}: the model has {shape.layers} blocks; use 1..{shape.layers} "
+                        "or all")
     if st.method == "full" and (st.quant_bits or shape.quantized_bits):
         problems.append("method 'full' cannot train a quantized base; use lora/dora (QLoRA) or a float base")
     if st.quant_bits and shape.quantized_bits:
-        problems.append(f"{shape.name} is already quantized ({quant_text(shape.quantized_bits, shape.quantized_mode)}"
+        problems.append(f"{shape.name} is already quantized "
+                        f"({quant_text(shape.quantized_bits, shape.quantized_mode)}"
                         "); remove model.quantize: a pre-quantized base trains as QLoRA as it is")
     if st.batch_size < 1 or st.seq_len < 1:
         problems.append(f"batch size {st.batch_size} and max_seq_len {st.seq_len + 1} must be positive")
     if st.method == "dora" and any(shape.copies(m) > 1 for layer in adapted_layers(shape, st)
                                    for m in adapted_modules(shape, st, layer)):
-        problems.append("DoRA cannot adapt mixture-of-experts expert layers (mlx-lm has no DoRA SwitchLinear); "
-                        "use method 'lora', or targets without the experts' gate_proj/up_proj/down_proj")
+        problems.append("DoRA cannot adapt mixture-of-experts expert layers (mlx-lm has no DoRA "
+                        "SwitchLinear); use method 'lora', or targets without the experts' "
+                        "gate_proj/up_proj/down_proj")
     if st.method not in ("lora", "dora", "full"):
         problems.append(f"method {st.method!r}: expected lora, dora, qlora or full")
     if problems:

@@ -51,8 +51,8 @@ def render(p) -> str:
         lines.append(f"  {'(under 0.1 % each: ' + ', '.join(small) + ')'}")
     m = p.machine
     lines += [f"  {'-' * 38}",
-              f"  {'total peak':<26} {gib(p.peak_bytes):>10}   (MLX peak {gib(p.estimate.peak_bytes)} + headroom;"
-              f" {p.estimate.memory_model})",
+              f"  {'total peak':<26} {gib(p.peak_bytes):>10}   (MLX peak {gib(p.estimate.peak_bytes)} "
+              f"+ headroom; {p.estimate.memory_model})",
               f"  {'machine budget':<26} {gib(m.budget_bytes):>10}", ""]
     return "\n".join(lines + verdict_lines(p) + _tail_lines(p))
 
@@ -60,10 +60,12 @@ def render(p) -> str:
 def render_html(p) -> str:
     """Jupyter shows the plan as a table of the breakdown between the header and the verdict."""
     rows, small = _rows(p)
-    rows = [(k + (f" <small>({html.escape(EXPLAIN[k])})</small>" if k in EXPLAIN else ""), gib(v)) for k, v in rows]
+    rows = [(k + (f" <small>({html.escape(EXPLAIN[k])})</small>" if k in EXPLAIN else ""), gib(v))
+            for k, v in rows]
     if small:
         rows.append((f"<small>under 0.1 % each: {', '.join(small)}</small>", ""))
-    rows += [("<b>total peak</b>", f"<b>{gib(p.peak_bytes)}</b>"), ("machine budget", gib(p.machine.budget_bytes))]
+    rows += [("<b>total peak</b>", f"<b>{gib(p.peak_bytes)}</b>"),
+             ("machine budget", gib(p.machine.budget_bytes))]
     cells = "".join(f"<tr><td style='text-align:left'>{k}</td><td style='text-align:right'>{v}</td></tr>"
                     for k, v in rows)
     colour = "#1a7f37" if p.fits and not p.thin_margin else "#9a6700" if p.fits else "#cf222e"
@@ -83,12 +85,13 @@ def _header_lines(p) -> list[str]:
     else:
         method = f"{st.method} on a {sh.dtype} base"
     layers = "all" if st.layers is None else f"last {st.layers} of"
-    moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, top-{sh.experts_per_tok}"
-           if sh.is_moe else "")
+    moe = (f", {sh.total_params(active=True) / 1e6:,.1f}M active: {sh.experts} experts, "
+           f"top-{sh.experts_per_tok}" if sh.is_moe else "")
     reference = {"bypass": "reference: the base, adapters off", "copy": "reference: a frozen copy",
                  "precomputed": "reference: precomputed"}.get(st.reference)
     objective = "" if st.objective == "sft" else f"{st.objective}{f' ({reference})' if reference else ''}, "
-    rows = "" if st.objective == "sft" else (" pairs" if st.objective != "kto" else " examples") + " x 2 sequences"
+    rows = ("" if st.objective == "sft"
+            else (" pairs" if st.objective != "kto" else " examples") + " x 2 sequences")
     if p.batches:
         b = p.batches
         batch = (f"batches up to {st.batch_size}{rows} x {st.seq_len + 1} tokens (the widest of the epoch's "
@@ -98,10 +101,11 @@ def _header_lines(p) -> list[str]:
         batch = f"batch {st.batch_size}{rows} x {st.seq_len + 1} tokens{', packed' if st.pack else ''}"
     projected = "; PROJECTED: not announced, figures from 2 x M5 Max and press reports" if m.projected else ""
     return [
-        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; config: {sh.source})",
-        f"training {objective}{method}, rank {st.rank}, {layers} {sh.layers} blocks, {batch}, grad checkpointing "
-        f"{'on' if st.grad_checkpointing else 'off'}, loss chunk {st.loss_chunk or 'off'}; "
-        f"{p.estimate.trainable_params / 1e6:.2f}M trainable",
+        f"model    {sh.name}  ({p.estimate.total_params / 1e6:,.1f}M params{moe}, {sh.layers} blocks; "
+        f"config: {sh.source})",
+        f"training {objective}{method}, rank {st.rank}, {layers} {sh.layers} blocks, {batch}, "
+        f"grad checkpointing {'on' if st.grad_checkpointing else 'off'}, "
+        f"loss chunk {st.loss_chunk or 'off'}; {p.estimate.trainable_params / 1e6:.2f}M trainable",
         f"machine  {m.name} ({m.chip}, {m.memory_bytes / 2**30:.0f} GiB{projected}); budget "
         f"{m.budget_bytes / 2**30:.2f} GiB = {m.budget_source}",
     ]
@@ -113,15 +117,15 @@ def verdict_lines(p) -> list[str]:
     if not p.fits:
         lines = [f"DOES NOT FIT: {gib(-p.margin_bytes)} over the budget"]
     elif p.thin_margin:
-        lines = [f"FITS, but only {gib(p.margin_bytes)} to spare ({p.margin_bytes / budget:.0%} of the budget; "
-                 f"keep {THIN_MARGIN:.0%}): other apps, MLX's buffer cache or a batch wider than planned can "
-                 "push it over, and macOS then swaps or stops the run"]
+        lines = [f"FITS, but only {gib(p.margin_bytes)} to spare ({p.margin_bytes / budget:.0%} of the "
+                 f"budget; keep {THIN_MARGIN:.0%}): other apps, MLX's buffer cache or a batch wider than "
+                 "planned can push it over, and macOS then swaps or stops the run"]
     else:
         lines = [f"FITS with {gib(p.margin_bytes)} to spare ({p.margin_bytes / budget:.0%} of the budget)"]
     if p.worst is not None:
         w, ws = p.worst.required_bytes, p.worst_settings
-        lines.append(f"if a batch were {ws.batch_size} x {ws.seq_len + 1} tokens (max_seq_len; this data never makes "
-                     f"one): {gib(w)}, {'fits' if w <= budget else 'would not fit'}")
+        lines.append(f"if a batch were {ws.batch_size} x {ws.seq_len + 1} tokens (max_seq_len; this data "
+                     f"never makes one): {gib(w)}, {'fits' if w <= budget else 'would not fit'}")
     if p.suggestions:
         lines.append("Any one of these fits, cheapest first:" if not p.fits else
                      f"Any one of these leaves {THIN_MARGIN:.0%} free, cheapest first:")
@@ -142,8 +146,9 @@ def _tail_lines(p) -> list[str]:
         lines.append(f"note: {p.machine.name} is projected: {p.machine.projected}")
     if p.calibration:
         c = p.calibration
-        lines.append(f"probe: measured {c['measured_bytes'] / 2**20:.0f} MiB vs predicted {c['predicted_bytes'] / 2**20:.0f} MiB "
-                     f"at batch {c['batch_size']} x {c['seq_len']} tokens; activation terms scaled by {c['scale']:.3f}")
+        lines.append(f"probe: measured {c['measured_bytes'] / 2**20:.0f} MiB vs predicted "
+                     f"{c['predicted_bytes'] / 2**20:.0f} MiB at batch {c['batch_size']} x {c['seq_len']} "
+                     f"tokens; activation terms scaled by {c['scale']:.3f}")
     lines += ["", time_text(p)]
     if p.cluster:
         from .cluster import cluster_text
@@ -165,15 +170,18 @@ def time_text(p) -> str:
     tf, m = p.tflops, p.machine
     where = f"   [tokens per epoch: {p.tokens_source}]"
     if not m.matmul_tflops:
-        return (f"time per epoch ~ {_hours(p.seconds_per_epoch)}  = tokens x FLOPs/token / (efficiency x peak FLOP/s)\n"
-                f"  = {p.tokens_per_epoch:,} x {p.flops_per_token / 1e9:.3g} GFLOP / ({EFFICIENCY} x {tf:.3g} TFLOP/s)"
+        return (f"time per epoch ~ {_hours(p.seconds_per_epoch)}  = tokens x FLOPs/token / "
+                "(efficiency x peak FLOP/s)\n"
+                f"  = {p.tokens_per_epoch:,} x {p.flops_per_token / 1e9:.3g} GFLOP / "
+                f"({EFFICIENCY} x {tf:.3g} TFLOP/s)"
                 + where)
     low, high = m.matmul_tflops
     return (f"time per epoch ~ {_hours(p.seconds_per_epoch)}  = tokens x FLOPs/token x (1 / matmul rate + "
             f"1 / rate of the rest)\n"
             f"  = {p.tokens_per_epoch:,} x {p.flops_per_token / 1e9:.3g} GFLOP x (1 / {low:.3g} TFLOP/s + "
             f"1 / ({GEMM_EFFICIENCY} x {tf:.3g} TFLOP/s)){where}\n"
-            f"  matmuls on {m.chip}'s Neural Accelerators: {low:.3g} TFLOP/s, MLX's bf16 GEMM measured on an M5 and "
-            f"scaled to {m.gpu_cores} GPU cores; published figures reach {high:.3g} TFLOP/s (architectural peak), "
-            f"which gives {_hours(p.seconds_per_epoch_high)}. The rest of the step (element-wise ops, softmax, "
-            f"memory traffic) takes as long as on M1-M4. `mlxft plan --probe` on the Mac measures it")
+            f"  matmuls on {m.chip}'s Neural Accelerators: {low:.3g} TFLOP/s, MLX's bf16 GEMM measured on an "
+            f"M5 and scaled to {m.gpu_cores} GPU cores; published figures reach {high:.3g} TFLOP/s "
+            f"(architectural peak), which gives {_hours(p.seconds_per_epoch_high)}. The rest of the step "
+            "(element-wise ops, softmax, memory traffic) takes as long as on M1-M4. `mlxft plan --probe` on "
+            "the Mac measures it")

@@ -30,19 +30,21 @@ from dataclasses import dataclass
 
 from . import schedule
 
-UNARY = frozenset("Abs ArcCos ArcCosh ArcSin ArcSinh ArcTan ArcTanh AsType Ceil Cos Conjugate Cosh Remainder Erf "
-                  "ErfInv Exp Floor Log Log1p LogicalNot Negative Round Sigmoid Sign Sin Sinh Square Sqrt Tan "
-                  "Tanh Expm1 Real Imag BitwiseInvert".split())
-BINARY = frozenset("Add Divide Equal Greater GreaterEqual Less LessEqual LogicalAnd LogicalOr LogAddExp Maximum "
-                   "Minimum Multiply NotEqual Power Subtract BitwiseBinary ArcTan2".split())
+UNARY = frozenset("Abs ArcCos ArcCosh ArcSin ArcSinh ArcTan ArcTanh AsType Ceil Cos Conjugate Cosh Remainder "
+                  "Erf ErfInv Exp Floor Log Log1p LogicalNot Negative Round Sigmoid Sign Sin Sinh Square "
+                  "Sqrt Tan Tanh Expm1 Real Imag BitwiseInvert".split())
+BINARY = frozenset("Add Divide Equal Greater GreaterEqual Less LessEqual LogicalAnd LogicalOr LogAddExp "
+                   "Maximum Minimum Multiply NotEqual Power Subtract BitwiseBinary ArcTan2".split())
 ELEMENTWISE = UNARY | BINARY | {"Select"}
 FUSABLE = ELEMENTWISE | {"Broadcast"}
-VIEWS = frozenset({"Broadcast", "Slice", "Transpose", "ExpandDims", "Squeeze", "AsStrided", "StopGradient", "Copy"})
+VIEWS = frozenset({"Broadcast", "Slice", "Transpose", "ExpandDims", "Squeeze", "AsStrided", "StopGradient",
+                   "Copy"})
 RESHAPES = frozenset({"Reshape", "Flatten", "Unflatten"})
 UPDATES = frozenset({"SliceUpdate", "ScatterAxis", "Scatter"})
 """Copy their first input (or take its buffer), then write into it: two dispatches."""
 MAX_COMPILE_DEPTH, MAX_COMPILE_ARRAYS = 11, 24  # mlx/compile.cpp
-SLOW = frozenset("Exp Sigmoid Sin Cos Log Log1p Tanh Erf ErfInv LogAddExp Power Expm1 Softmax LogSumExp".split())
+SLOW = frozenset("Exp Sigmoid Sin Cos Log Log1p Tanh Erf ErfInv LogAddExp Power Expm1 Softmax "
+                 "LogSumExp".split())
 """Ops MLX's CPU backend computes per element in scalar code (measured ~20 ns an element here)."""
 CPU = dict(main=10e-6, dispatch=1e-6, flops=28e9, bandwidth=12e9, slow=20e-9, fused_op=0.1e-9)
 """What the run-ahead timing uses, measured on this machine's CPU backend (2026-12-03, OpenBLAS):
@@ -103,7 +105,8 @@ def fuse(arrays: dict[str, _Array], prims: list[_Prim], outputs: list[str]) -> l
 
         def fusable(n: str) -> bool:
             q = arrays[n].prim
-            return q is not None and len(q.outputs) == 1 and q.name in FUSABLE and (n in mine or n in split.values())
+            return (q is not None and len(q.outputs) == 1 and q.name in FUSABLE
+                    and (n in mine or n in split.values()))
 
         def visit(n: str, depth: int, shape: tuple) -> None:
             if n in group:
@@ -215,8 +218,10 @@ def to_graph(arrays: dict[str, _Array], prims: list[_Prim], outputs: list[str]):
             donors = (0,)
         for k, o in enumerate(p.outputs):  # each output its own buffer, each may take a donor's
             out = arrays[o]
-            mine = tuple(j for j in donors if contiguous[p.inputs[j]] and arrays[p.inputs[j]].nbytes == out.nbytes
-                         and arrays[p.inputs[j]].dtype.size == out.dtype.size and arrays[p.inputs[j]].nbytes > 16)
+            mine = tuple(j for j in donors if contiguous[p.inputs[j]]
+                         and arrays[p.inputs[j]].nbytes == out.nbytes
+                         and arrays[p.inputs[j]].dtype.size == out.dtype.size
+                         and arrays[p.inputs[j]].nbytes > 16)
             index[o] = add(ins, out.nbytes, o, donors=mine, evaluated=False,
                            dispatches=0 if k else (2 if p.name in UPDATES else 1))
             g.group[-1] = index[p.outputs[0]]
@@ -288,7 +293,8 @@ def replay(traced, width: int = schedule.BFS_MAX_WIDTH, run_ahead: int = schedul
     return StepReplay(int(result.peak), alive, len(tape))
 
 
-KINDS = ("gradients", "activations", "attention scores", "backward working set", "logits and loss", "optimizer update")
+KINDS = ("gradients", "activations", "attention scores", "backward working set", "logits and loss",
+         "optimizer update")
 
 
 def _kind(name: str, shape: tuple, grads: set[str], updated: set[str], forward: set[str], traced) -> str:

@@ -106,7 +106,8 @@ def _loss_graph(B: int, n: int, step: int, V: int, D: int, s: int) -> tuple[_Gra
             zeros[c] = g.op([g.view([g.op([], 0)])], e * 4)  # Broadcast, Full
         wc = g.op([w, one], B * c * 4)
         neg = g.view([g.op([wc], B * c * 4)])  # Negative, ExpandDims
-        scattered = g.op([zeros[c], t, neg], e * 4, donors=(0,), dispatches=2)  # ScatterAxis: copy, scatter -w
+        # ScatterAxis: copy, scatter -w
+        scattered = g.op([zeros[c], t, neg], e * 4, donors=(0,), dispatches=2)
         soft = g.op([shifted], e * 4, donors=(0,))  # Softmax
         # w * softmax + scattered, in the model dtype: takes an input's buffer only in float32
         dlogits = g.view([g.op([scattered, g.view([wc]), soft], e * s, donors=(0, 2) if s == 4 else ())])
@@ -306,7 +307,8 @@ def _replay_timed(g: _Graph, order: list[int], outputs: list[int], cost: list[fl
         t += main_seconds
         bufs.donate(a, lambda c: released.get(c, float("inf")) <= t)
         alloc[a] = t
-        steps = [cost[a] / max(g.dispatches[a], 1) + dispatch_seconds] * g.dispatches[a] + [dispatch_seconds / 2]
+        steps = ([cost[a] / max(g.dispatches[a], 1) + dispatch_seconds] * g.dispatches[a]
+                 + [dispatch_seconds / 2])
         for c in steps:
             worker = max(worker, t) + c
             n += 1

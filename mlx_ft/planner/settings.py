@@ -158,8 +158,8 @@ def model_notes(shape: ModelShape, st: Settings) -> list[str]:
         notes.append("QDoRA keeps a dequantized copy of every DoRA layer's weight for the backward pass")
     if shape.sliding_layers:
         notes.append(f"{shape.sliding_layers} of {shape.layers} blocks use sliding-window attention "
-                     f"({shape.sliding_window} tokens), but MLX computes the full L x L scores when training: "
-                     "their memory and time are counted as full attention")
+                     f"({shape.sliding_window} tokens), but MLX computes the full L x L scores when "
+                     "training: their memory and time are counted as full attention")
     if shape.sinks:
         notes.append("attention sinks: one learned logit per head joins each row's softmax (counted)")
     if not shape.is_moe:

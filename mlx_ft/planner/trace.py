@@ -269,9 +269,11 @@ def step_function(model, st: Settings, max_grad_norm: float = 1.0):
         micro = [loss_sum, n_tok, *grads]
         # the update, as the training loop runs it (mlx_ft.step)
         loss_total, tok_total = mx.array(0.0) + loss_sum, mx.array(0.0) + n_tok
-        norm = apply_update(model, optimizer, tree_unflatten(list(zip(tnames, grads))), tok_total, max_grad_norm)
+        norm = apply_update(model, optimizer, tree_unflatten(list(zip(tnames, grads))), tok_total,
+                            max_grad_norm)
         final = [v for _, v in tree_flatten(model.trainable_parameters())]
-        final += [v for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)] + [loss_total, tok_total, norm]
+        final += ([v for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)]
+                  + [loss_total, tok_total, norm])
         counts[:] = [len(final), len(micro)]
         return final + micro + [a for p in pairs for a in p]
 
