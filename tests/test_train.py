@@ -84,7 +84,8 @@ def test_run_writes_exact_run_dir_and_loss_falls(tmp_path, tiny_model_dir, chat_
         assert summary[key] is not None, key
     assert summary["steps"] == 12 and summary["trainable_parameters"] == 8192
     assert summary["peak_memory_bytes"] > 0
-    assert summary["data"]["cache"] in ("hit", "miss") and summary["data"]["seconds"] >= 0
+    assert summary["data"]["cache"] in ("hit", "miss") or summary["data"]["cache"].startswith("partial")
+    assert summary["data"]["seconds"] >= 0  # files earlier tests cached make "partial"
     svg = ET.parse(run / "loss.svg").getroot()  # one point per train report, one per evaluation
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
     assert [len(line.get("points").split()) for line in lines] == [6, 3]
