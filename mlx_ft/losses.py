@@ -208,22 +208,29 @@ def token_logps(model, tokens: mx.array, segments: mx.array | None = None, chunk
     if not exact_head:
         if seg is not None:
             raise ModelError("data.pack: packing needs mlx-lm's standard model layout; set data.pack = false")
-        return -nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+        logps = -nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+        return logps if grad else mx.stop_gradient(logps)
 
     chunk_logps = partial(target_logps, model)
     h = _hidden(model, inputs, seg)  # [B, L-1, D]
     n = h.shape[1]
     step = chunk_positions(chunk_size, h.shape[0], _vocab(model), n)
     fused = _head_is_frozen(model)
-    if not chunk_size or (step == n and not fused) or (step == n and not grad):
+    if not grad:
+        # No gradient flows back through these (the reference of preference tuning, validation):
+        # with checkpointed blocks the trainable weights are inputs of every block even with the
+        # adapters switched off, and the backward pass would recompute the blocks with them on.
+        if not chunk_size or step == n:
+            return mx.stop_gradient(chunk_logps(h, targets))
+        return mx.stop_gradient(mx.concatenate([chunk_logps(h[:, s:s + step], targets[:, s:s + step])
+                                                for s in range(0, n, step)], axis=1))
+    if not chunk_size or (step == n and not fused):
         return chunk_logps(h, targets)
     head = _head_module(model)
     parts = []
     for s in range(0, n, step):
         h_c, t_c = h[:, s:s + step], targets[:, s:s + step]
-        if not grad:
-            parts.append(chunk_logps(h_c, t_c))
-        elif fused:
+        if fused:
             parts.append(_fused_logps(chunk_logps, h_c, t_c))
         else:  # a trainable head: recompute the chunk's logits in the backward pass (see loss_sum)
             def inner(params, h_c, t_c=t_c):

@@ -346,6 +346,19 @@ def test_replayed_preference_step_is_mlx_peak(tiny_model_dir, kw):
     assert 0.88 * predicted <= measured <= 1.08 * predicted, (predicted, measured)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_checkpointed_preference_step_is_replayed(tiny_model_dir, pack):
+    """With checkpointed blocks (qwen7b-dpo.toml's setting) the step is traced and replayed, not
+    left to the formula: the reference pass carries no gradient (losses.token_logps, grad=False)."""
+    from mlx_ft.planner import Settings
+    from mlx_ft.planner.configs import load_shape
+    from mlx_ft.planner.plan import predict
+
+    st = Settings(rank=8, batch_size=2, seq_len=127, grad_checkpointing=True, pack=pack, objective="dpo",
+                  reference="bypass")
+    assert predict(load_shape(str(tiny_model_dir)), st).memory_model.startswith("replayed graph")
+
+
 def test_plan_counts_two_rows_per_example_and_the_reference_copy(setup, tiny_model_dir, monkeypatch):
     """`mlxft plan` for every objective; a full fine-tune's DPO plans its frozen copy, and on a budget
     that SFT fits and DPO does not, says so, offers the changes that fit, and `mlxft run` refuses."""

@@ -210,3 +210,17 @@ def test_sigkill_then_resume_is_exact_with_packed_pairs(tmp_path, tiny_model_dir
     a = dict(mx.load(str(ref.adapter_dir / "adapters.safetensors")))
     b = dict(mx.load(str(cut_dir / "run" / "adapters" / "adapters.safetensors")))
     assert max(mx.abs(a[k] - b[k]).max().item() for k in a) <= 1e-6
+
+
+def test_dpo_with_checkpointed_blocks_trains_as_without(tmp_path, tiny_model_dir):
+    """Checkpointed blocks take the trainable weights as inputs even with the adapters switched
+    off, so the reference pass must carry no gradient: the backward pass would recompute it with
+    the adapters on (and MLX refused the step: a VJP with respect to the tokens). Same losses."""
+    losses = {}
+    for checkpointing in (False, True):
+        where = tmp_path / f"checkpointing-{checkpointing}"
+        where.mkdir()
+        path = make_recipe(where, tiny_model_dir, colour_pairs(0, 16),
+                           training={"steps": 3, "grad_checkpointing": checkpointing})
+        losses[checkpointing] = [r["loss"] for r in rows(train(load_recipe(path), progress=False).run_dir)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6), losses
