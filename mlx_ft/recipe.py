@@ -233,7 +233,7 @@ class OutputConfig:
     """Experiment trackers that also get every metrics row, the validation and `[eval]` results,
     the resolved recipe (as config) and the final summary, e.g. ["tensorboard"]. All work offline:
     TensorBoard event files in <run>/tensorboard, W&B in offline mode unless you are logged in,
-    MLflow's file store in <run>/mlruns (or MLFLOW_TRACKING_URI), trackio's local store. Each needs
+    MLflow's SQLite store <run>/mlflow.db (or MLFLOW_TRACKING_URI), trackio's local store. Each needs
     its extra: `pip install -e ".[tensorboard]"` (or wandb, mlflow, trackio)."""
 
 
