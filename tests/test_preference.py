@@ -2,9 +2,9 @@
 after SIGKILL, the full fine-tune's frozen reference, and every bad input as one clear error."""
 
 import json
-import re
 import math
 import random
+import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
