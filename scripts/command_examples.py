@@ -1,7 +1,8 @@
 """Write docs/commands.md: every `mlxft` command run for real on the demo and the shipped recipes;
-then run the guides' commands (docs/own-data.md, docs/deploy.md) and write their real output.
+then run the guides' commands (docs/own-data.md, docs/deploy.md) and write their real output; and
+the README's quick-start blocks (the end of the demo's run, its answer to a held-out review).
 
-    python scripts/command_examples.py          # ~6 minutes on 2 CPU cores (it trains the demo)
+    python scripts/command_examples.py          # ~15 minutes on 2 CPU cores (it trains the demo twice)
     python scripts/command_examples.py --guides RUN_DIR [GUIDE ...]   # guides only, on an earlier demo run
 
 Runs in a scratch directory (recipes/ and examples/ linked in), so the run directory prints as
@@ -123,6 +124,24 @@ def refresh_guide(path: Path, cwd: Path) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+def write_readme_blocks(results: dict[str, str]) -> None:
+    """The README's quick start quotes the demo: the end of its run (the last validation, the
+    `done:` line with its time, the held-out scores) and the generated answer, from this run."""
+    lines = results["mlxft run recipes/demo.toml"].splitlines()
+    done = next(i for i, line in enumerate(lines) if line.startswith("done:"))
+    shown = ("  on ", "  loss", "  exact match", "  valid JSON", "  (")  # of the held-out scores
+    blocks = {"demo-run": lines[done:done + 2] + [line for line in lines[done + 2:] if line.startswith(shown)],
+              "demo-generate": results[f"mlxft generate runs/demo --chat --prompt {shlex.quote(HELD_OUT)}"]
+              .splitlines()}
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, body in blocks.items():
+        start, end = f"<!-- {name}: scripts/command_examples.py -->\n```\n", "```\n<!-- /" + name + " -->"
+        a, b = text.index(start) + len(start), text.index(end)
+        text = text[:a] + "\n".join(body) + "\n" + text[b:]
+    readme.write_text(text)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--guides"]:  # only the guides, on a demo run made earlier (runs/demo)
         with tempfile.TemporaryDirectory() as tmp:
@@ -140,12 +159,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("recipes", "examples"):
             (Path(tmp) / name).symlink_to(ROOT / name)
+        results = {}
         for title, text, cmds in SECTIONS:
             out += [f"## {title}", ""] + ([text, ""] if text else [])
             for cmd in cmds:
                 print(f"$ {cmd}", file=sys.stderr)
-                out += ["```", f"$ {cmd}", run(cmd, Path(tmp)), "```", ""]
+                results[cmd] = run(cmd, Path(tmp))
+                out += ["```", f"$ {cmd}", results[cmd], "```", ""]
         (ROOT / "docs" / "commands.md").write_text("\n".join(out))
+        write_readme_blocks(results)
         for guide in GUIDES:
             refresh_guide(ROOT / guide, Path(tmp))
 
