@@ -182,6 +182,11 @@ def _records(target: _Target, data: str | Path | None):
     if recipe is None:
         raise DataError(f"{target.out_dir}: no {RESOLVED} here or next to the adapter, so there is no "
                         "validation set to default to; pass --data FILE (evaluate(..., data=FILE))")
+    if recipe.training.objective != "sft":
+        raise DataError(f"{where}: a {recipe.training.objective} run's validation data are preference "
+                        "pairs, which `mlxft eval` does not score (its held-out reward accuracy and margins "
+                        "are the eval_rewards/* rows of metrics.jsonl); pass --data FILE of chat records to "
+                        "score answers")
     if recipe.data.valid is None and recipe.data.valid_fraction <= 0:
         raise DataError(f"{where}: the run has no validation set (data.valid and data.valid_fraction are not "
                         "set); pass --data FILE (evaluate(..., data=FILE))")

@@ -687,7 +687,11 @@ def _check(r: Recipe) -> list[str]:
     need(e.max_samples is None or e.max_samples >= 1,
          f"eval.max_samples: must be >= 1, found {e.max_samples}")
     need(e.max_tokens is None or e.max_tokens >= 1, f"eval.max_tokens: must be >= 1, found {e.max_tokens}")
-    if e.at_end and e.data is None and not has_valid:
+    if e.at_end and e.data is None and r.training.objective != "sft":
+        p.append(f"eval.at_end: training.objective = {r.training.objective!r} validates on preference pairs, "
+                 "which [eval] does not score (their reward accuracy is in metrics.jsonl); set eval.data to "
+                 "a file of chat records, or remove eval.at_end")
+    elif e.at_end and e.data is None and not has_valid:
         p.append("eval.at_end: there is nothing to evaluate on; set eval.data, data.valid or "
                  "data.valid_fraction")
     return p

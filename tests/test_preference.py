@@ -145,6 +145,9 @@ def test_bad_preference_data_is_one_clear_error(tmp_path, tiny_model_dir, case, 
      "but training.objective is 'orpo'"),
     (["training.objective=dpo", "training.loss_type=robust", "training.label_smoothing=0.5"],
      "training.label_smoothing (from --set): must be in [0, 0.5)"),
+    (["training.objective=dpo", "eval.at_end=true"],
+     "eval.at_end (from --set): training.objective = 'dpo' validates on preference pairs, which [eval] "
+     "does not score"),
 ])
 def test_preference_keys_are_checked_against_the_objective(tmp_path, tiny_model_dir, sets, message):
     recipe = make_recipe(tmp_path, tiny_model_dir, colour_pairs(0, 1), training={"objective": "sft"})
@@ -224,3 +227,11 @@ def test_dpo_with_checkpointed_blocks_trains_as_without(tmp_path, tiny_model_dir
                            training={"steps": 3, "grad_checkpointing": checkpointing})
         losses[checkpointing] = [r["loss"] for r in rows(train(load_recipe(path), progress=False).run_dir)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6), losses
+
+
+def test_mlxft_eval_of_a_preference_run_says_what_it_scores(tmp_path, tiny_model_dir):
+    path = make_recipe(tmp_path, tiny_model_dir, colour_pairs(0, 8), colour_pairs(100, 4), training={"steps": 1})
+    run = train(load_recipe(path), progress=False).run_dir
+    result = CliRunner().invoke(main, ["eval", str(run)])
+    assert result.exit_code == 2 and "a dpo run's validation data are preference pairs, which `mlxft eval` " \
+        "does not score" in result.output and "Traceback" not in result.output, result.output
