@@ -380,6 +380,8 @@ def test_plan_counts_two_rows_per_example_and_the_reference_copy(setup, tiny_mod
                                                              for r in pref_records(4)], max_seq_len=256)
         p = plan(recipe, machine="m4-max-128")
         assert p.estimate.memory_model.startswith("replayed graph") and p.tokens_per_epoch, objective
+        # the time is for every row the model runs: both sequences of a preference example
+        assert p.tokens_per_epoch == data.load_datasets(recipe, setup[2]).stats["batching"]["positions"]
         peaks[objective] = p.estimate.peak_bytes
     assert min(peaks[o] for o in ("dpo", "orpo", "simpo")) > 1.5 * peaks["sft"], peaks
 

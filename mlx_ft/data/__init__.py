@@ -70,6 +70,13 @@ def item_lengths(samples) -> np.ndarray:
     return _batching.sample_lengths(samples)
 
 
+def item_tokens(samples) -> np.ndarray:
+    """The tokens each sample trains on: a preference example's two sequences, prompt included."""
+    if _module(samples) is _preference:
+        return np.array([2 * len(e.prompt) + len(e.first) + len(e.second) for e in samples], dtype=np.int64)
+    return _batching.sample_lengths(samples)
+
+
 def epoch_batches(samples, batch_size: int, max_seq_len: int, pack: bool, seed: int, epoch: int,
                   shuffle: bool = True) -> Plans | list[Plan]:
     """The batch plans of one epoch (SFT samples, or preference examples: see `preference`)."""
@@ -82,5 +89,5 @@ def collate(samples, plan: Plan, max_seq_len: int, pack: bool, pad_id: int = 0):
 
 
 __all__ = ["Batch", "Pair", "Plan", "Plans", "PrefBatch", "Sample", "Samples", "Splits", "check_records",
-           "collate", "epoch_batches", "item_lengths", "load_datasets", "padding_fraction",
+           "collate", "epoch_batches", "item_lengths", "item_tokens", "load_datasets", "padding_fraction",
            "recipe_tokenizer", "record_texts", "valid_records"]

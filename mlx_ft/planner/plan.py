@@ -45,12 +45,14 @@ class RunBatches:
     """The batches one epoch of a run makes, from its data (`data.epoch_batches`, `data.row_width`)."""
 
     rows: int
-    """The most rows a batch has (batch_size, fewer when the data makes fewer)."""
+    """The most samples a batch has (batch_size, fewer when the data makes fewer; preference
+    examples, each two rows of the batch: Settings.rows doubles them)."""
     width: int
     """The widest batch's padded row length: its longest sample rounded up to 8, or max_seq_len packed."""
     batches: int
     positions: int
-    """Rows x width summed over the epoch: the padded tokens the model runs over."""
+    """Rows x width summed over the epoch: the padded tokens the model runs over (both sequences of
+    a preference example)."""
     attention_width: float
     """Token-weighted mean width: each batch's attention runs over its own width."""
     tokens: int
@@ -66,18 +68,20 @@ class RunBatches:
 def run_batches(recipe, samples) -> RunBatches:
     """The first epoch's batches of `samples` as the recipe batches them (every epoch makes the same
     widest batch: the one holding the longest sample)."""
-    from ..data import item_lengths
+    from ..data import item_lengths, item_tokens
     from ..data.batching import epoch_batches, row_width
 
     d, t = recipe.data, recipe.training
     lengths = item_lengths(samples)  # a preference example batches by its longer sequence
     plans = epoch_batches(lengths, t.batch_size, d.max_seq_len, d.pack, t.seed, 0, d.shuffle)
     shapes = [(len(p), row_width(lengths, p, d.max_seq_len, d.pack)) for p in plans]
-    positions = sum(b * w for b, w in shapes)
+    padded = sum(b * w for b, w in shapes)
+    sequences = 1 if t.objective == "sft" else 2  # each preference example is two rows of the batch
     return RunBatches(rows=max(b for b, _ in shapes), width=max(w for _, w in shapes), batches=len(plans),
-                      positions=positions, attention_width=sum(b * w * w for b, w in shapes) / positions,
-                      tokens=int(lengths.sum()), samples=len(samples), longest=int(lengths.max()),
-                      lengths=lengths)
+                      positions=sequences * padded,
+                      attention_width=sum(b * w * w for b, w in shapes) / padded,
+                      tokens=int(item_tokens(samples).sum()), samples=len(samples),
+                      longest=int(lengths.max()), lengths=lengths)
 
 
 def read_run_batches(recipe) -> tuple[RunBatches | None, str]:
