@@ -88,8 +88,8 @@ def format_report(report: dict, color: bool = False) -> str:
         out.append(f"       {tr['desirable']} desirable, {tr['undesirable']} undesirable")
     v = report["valid"]
     out.append("valid: none" if v is None else
-               f"valid: {v['samples']} samples, {v['tokens']} tokens, {v['supervised_tokens']} supervised, "
-               f"{v['dropped']} dropped, {v['truncated']} truncated")
+               f"valid: {v['samples']} {report.get('unit', 'samples')}, {v['tokens']} tokens, "
+               f"{v['supervised_tokens']} supervised, {v['dropped']} dropped, {v['truncated']} truncated")
     out += ["", "token lengths (train):"]
     top = max((b["count"] for b in report["length_histogram"]), default=0) or 1
     for b in report["length_histogram"]:
