@@ -360,19 +360,10 @@ def load_datasets(recipe: Recipe, tokenizer, progress: bool = False) -> Splits:
     if cfg.valid is not None:
         valid_recs = _Records.of([opened[p] for p in valid_files])
     elif cfg.valid_fraction > 0:
-        rng = np.random.default_rng(seed)
-        held_parts = []
-        for k, src in enumerate(sources):
-            n = len(src)
-            n_valid = int(round(cfg.valid_fraction * n)) if n > 1 else 0
-            held = np.zeros(n, bool)
-            held[rng.permutation(n)[:n_valid]] = True
-            held_parts.append((src.take(np.flatnonzero(held)), k))
-            sources[k] = src.take(np.flatnonzero(~held))
-        if not sum(len(h) for h, _ in held_parts):
-            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {sum(len(s) for s in sources)} "
-                            "records rounds to 0 validation records; raise it or give data.valid")
-        valid_recs = held_parts
+        masks = held_out([len(src) for src in sources], cfg.valid_fraction, seed)
+        valid_recs = [(src.take(np.flatnonzero(held)), k)
+                      for k, (src, held) in enumerate(zip(sources, masks))]
+        sources = [src.take(np.flatnonzero(~held)) for src, held in zip(sources, masks)]
 
     per_source, counts, firsts = [], [], []
     for k, src in enumerate(sources):
@@ -501,17 +492,30 @@ def split_valid(sources: list[Source], cfg: DataConfig, seed: int, read_valid) -
         return read_valid()
     valid_records: list = []
     if cfg.valid_fraction > 0:
-        rng = np.random.default_rng(seed)
-        for src in sources:
-            n_valid = int(round(cfg.valid_fraction * len(src.records))) if len(src.records) > 1 else 0
-            held = set(rng.permutation(len(src.records))[:n_valid].tolist())
-            valid_records += [r for i, r in enumerate(src.records) if i in held]
-            src.records = [r for i, r in enumerate(src.records) if i not in held]
-        if not valid_records:
-            n = sum(len(s.records) for s in sources)
-            raise DataError(f"data.valid_fraction: {cfg.valid_fraction} of {n} records rounds to 0 "
-                            "validation records; raise it or give data.valid")
+        masks = held_out([len(src.records) for src in sources], cfg.valid_fraction, seed)
+        for src, held in zip(sources, masks):
+            valid_records += [r for r, h in zip(src.records, held) if h]
+            src.records = [r for r, h in zip(src.records, held) if not h]
     return valid_records
+
+
+def held_out(sizes: list[int], fraction: float, seed: int) -> list[np.ndarray]:
+    """Which records of each train source (of `sizes` records) `data.valid_fraction` holds out with
+    `training.seed`: round(fraction * n) of each source of more than one record, drawn in source
+    order from one generator. The one rule for the cached arrays, records in memory and `mlxft eval`.
+
+    Raises:
+        DataError: when that is no record at all.
+    """
+    rng, masks = np.random.default_rng(seed), []
+    for n in sizes:
+        held = np.zeros(n, bool)
+        held[rng.permutation(n)[:int(round(fraction * n)) if n > 1 else 0]] = True
+        masks.append(held)
+    if not any(m.any() for m in masks):
+        raise DataError(f"data.valid_fraction: {fraction} of {sum(sizes)} records rounds to 0 validation "
+                        "records; raise it or give data.valid")
+    return masks
 
 
 def _batching(samples: Samples, recipe: Recipe) -> dict:
